@@ -1,0 +1,45 @@
+# The two set-up commands of the README: `make run` and `make test`. Both are idempotent:
+# the venv is rebuilt only when pyproject.toml or the lock file changes.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON_BOOTSTRAP ?= python3.11
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := False
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast bench clean help
+
+help:
+	@echo "make run        install, then dvc repro on the embedded default (CDNOW)"
+	@echo "make test       install, then the whole test suite"
+	@echo "make test-fast  the suite without the slow end-to-end tests"
+	@echo "make bench      benchmarks (figures printed, never asserted)"
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(BIN)/python || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	# pip (not uv): it finds the local torch wheel; the lock keeps every version fixed.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-c requirements/constraints.txt -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+run: install
+	@test -d .git || git init --quiet
+	@test -d .dvc || dvc init --quiet
+	dvc repro
+
+test: install
+	python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	python bench/featurize.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

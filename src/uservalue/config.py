@@ -1,0 +1,214 @@
+"""Typed view of params.yaml: one section per stage, errors that name the field at fault."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from uservalue.errors import ConfigError
+from uservalue.schema import DEFAULT_BEHAVIORS, PURCHASE
+
+
+class _Section(BaseModel):
+    # A typo in params.yaml must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _utc(value: dt.date | dt.datetime) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
+
+
+class TaobaoSource(_Section):
+    """Taobao has no prices: a purchase is worth `purchase_amount`, or its category's value."""
+
+    purchase_amount: float = Field(1.0, ge=0)
+    category_amount_table: str | None = Field(
+        None, description="CSV with columns category_id,amount; other categories get purchase_amount"
+    )
+
+
+class FileSource(_Section):
+    """A user's own CSV or Parquet file: which of its columns is which canonical column."""
+
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    header: bool = True
+    columns: dict[str, str | None] = Field(
+        default_factory=lambda: {
+            "user_id": "user_id",
+            "ts": "ts",
+            "behavior": "behavior",
+            "item_id": "item_id",
+            "category_id": "category_id",
+            "quantity": "quantity",
+            "amount": "amount",
+        },
+        description="canonical column -> column in the file (null: the file has none)",
+    )
+    behaviors: dict[str, str] = Field(
+        default_factory=lambda: {b: b for b in DEFAULT_BEHAVIORS},
+        description="behaviour name in the file -> canonical behaviour",
+    )
+    ts_format: str = Field(
+        "iso", description="iso | unix_s | unix_ms | a strftime pattern such as %Y-%m-%d %H:%M"
+    )
+    purchase_amount: float = Field(
+        1.0, ge=0, description="value of a purchase when the file has no amount column"
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str | None]) -> dict[str, str | None]:
+        from uservalue.schema import EVENT_COLUMNS
+
+        unknown = sorted(set(columns) - set(EVENT_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown canonical columns {unknown}; allowed: {list(EVENT_COLUMNS)}")
+        missing = [c for c in ("user_id", "ts", "behavior") if not columns.get(c)]
+        if missing:
+            raise ValueError(f"required canonical columns {missing} need a source column")
+        return columns
+
+
+class SyntheticSource(_Section):
+    """A Taobao-like log with planted ground truth (see uservalue.sources.synthetic)."""
+
+    users: int = Field(20_000, ge=1)
+    events_per_user: float = Field(100.0, gt=0, description="mean non-purchase events per user")
+    # The default calendar matches CDNOW's so that one split config serves both sources.
+    start: dt.date = dt.date(1997, 1, 1)
+    days: int = Field(546, ge=2)
+    seed: int = 0
+    drift: float = Field(0.0, ge=0, le=1, description="0: reference behaviour; 1: strongly shifted")
+    categories: int = Field(500, ge=1)
+    items_per_category: int = Field(100, ge=1)
+    behavior_mix: dict[str, float] = Field(
+        default_factory=lambda: {"view": 0.89, "fav": 0.035, "cart": 0.075},
+        description="share of each non-purchase behaviour",
+    )
+    influence: dict[str, float] = Field(
+        default_factory=lambda: {"view": 0.004, "fav": 0.04, "cart": 0.2},
+        description="planted probability that one event of this behaviour leads to a purchase",
+    )
+    purchase_delay_days: float = Field(3.0, gt=0)
+    mean_lifetime_days: float = Field(400.0, gt=0)
+    chunk_events: int = Field(2_000_000, ge=10_000, description="events held in memory at once")
+
+    @model_validator(mode="after")
+    def _influence_matches_mix(self) -> SyntheticSource:
+        if set(self.influence) != set(self.behavior_mix):
+            raise ValueError("influence and behavior_mix must name the same behaviours")
+        if PURCHASE in self.behavior_mix:
+            raise ValueError(f"'{PURCHASE}' is generated from the other behaviours, not mixed in")
+        if any(not 0 <= p <= 1 for p in self.influence.values()):
+            raise ValueError("influence values are probabilities in [0, 1]")
+        return self
+
+
+class DataParams(_Section):
+    source: Literal["cdnow", "taobao", "synthetic", "file"] = "cdnow"
+    path: str | None = Field(None, description="the file read by the taobao and file sources")
+    behaviors: tuple[str, ...] = DEFAULT_BEHAVIORS
+    taobao: TaobaoSource = TaobaoSource()
+    file: FileSource = FileSource()
+    synthetic: SyntheticSource = SyntheticSource()
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> DataParams:
+        if self.source in ("taobao", "file") and not self.path:
+            raise ValueError(f"data.source '{self.source}' reads a file: set data.path")
+        if PURCHASE not in self.behaviors:
+            raise ValueError(f"data.behaviors must contain '{PURCHASE}'")
+        return self
+
+
+class ValidateParams(_Section):
+    mode: Literal["fail", "quarantine"] = "fail"
+    ts_min: dt.date | dt.datetime | None = None
+    ts_max: dt.date | dt.datetime | None = Field(None, description="exclusive upper bound")
+    max_duplicate_share: float = Field(0.01, ge=0, le=1)
+    min_users: int = Field(1, ge=0)
+    min_purchases: int = Field(1, ge=0)
+    max_quarantine_share: float = Field(0.05, ge=0, le=1)
+    example_rows: int = Field(5, ge=1)
+
+    @property
+    def window(self) -> tuple[dt.datetime | None, dt.datetime | None]:
+        return (
+            _utc(self.ts_min) if self.ts_min is not None else None,
+            _utc(self.ts_max) if self.ts_max is not None else None,
+        )
+
+
+class FeaturizeParams(_Section):
+    sequence_length: int = Field(50, ge=1)
+    windows_days: tuple[int, ...] = (7, 30, 90, 365)
+    category_buckets: int = Field(1024, ge=1)
+    item_buckets: int = Field(16384, ge=1)
+    threads: int = Field(0, ge=0, description="DuckDB threads; 0 = all cores")
+    memory_limit: str = Field("4GB", description="DuckDB memory limit (it spills beyond)")
+
+
+class SplitParams(_Section):
+    eval_cutoff: dt.date | dt.datetime
+    horizon_days: int = Field(..., ge=1)
+    train_cutoffs: tuple[dt.date | dt.datetime, ...] = ()
+
+    @model_validator(mode="after")
+    def _train_before_eval(self) -> SplitParams:
+        bad = [str(c) for c in self.train_cutoffs if _utc(c) >= _utc(self.eval_cutoff)]
+        if bad:
+            raise ValueError(f"train_cutoffs {bad} must be earlier than eval_cutoff {self.eval_cutoff}")
+        return self
+
+    @property
+    def eval_cutoff_utc(self) -> dt.datetime:
+        return _utc(self.eval_cutoff)
+
+    @property
+    def train_cutoffs_utc(self) -> tuple[dt.datetime, ...]:
+        return tuple(sorted(_utc(c) for c in self.train_cutoffs))
+
+
+class Params(_Section):
+    # Sections of later stages (train, register, ...) are theirs to type; tolerate them here.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    featurize: FeaturizeParams = FeaturizeParams()
+    split: SplitParams
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]).replace("validate_", "validate")
+        lines.append(f"{source}: {field or '(top level)'}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, found {type(raw).__name__}")
+    return parse_params(raw, str(path))

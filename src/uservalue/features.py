@@ -1,0 +1,282 @@
+"""Features at a cutoff T: per-user aggregates and last-L behaviour sequences from events < T,
+labels from [T, T + horizon).
+
+One SQL definition serves training, evaluation, batch scoring and the service, so there is no
+train/serve skew. It is plain SQL (window functions, FILTER, list aggregation) run by DuckDB over
+Parquet; the same statement maps onto Spark SQL when one machine is no longer enough.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from uservalue import duck
+from uservalue.config import FeaturizeParams, SplitParams
+from uservalue.duck import sql_string
+from uservalue.io import atomic_dir, write_json
+from uservalue.schema import DEFAULT_BEHAVIORS, PURCHASE
+
+SECONDS_PER_DAY = 86_400.0
+SEQUENCE_COLUMNS = (
+    "seq_behavior",  # behaviour id, 1..len(vocabulary); 0 is left for padding
+    "seq_category",  # hashed category bucket, 1..category_buckets; 0 = none/padding
+    "seq_item",  # hashed item bucket, 1..item_buckets; 0 = none/padding
+    "seq_log_age_days",  # ln(1 + days from the event to T)
+    "seq_log_gap_days",  # ln(1 + days since the user's previous event)
+    "seq_log_amount",  # ln(1 + amount)
+)
+LABEL_COLUMNS = ("value", "n_purchases", "bought")
+KEY_COLUMNS = ("user_id", "cutoff")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything the SQL depends on besides the data (hashable, so it can name a cache)."""
+
+    behaviors: tuple[str, ...] = DEFAULT_BEHAVIORS
+    windows_days: tuple[int, ...] = (7, 30, 90, 365)
+    sequence_length: int = 50
+    category_buckets: int = 1024
+    item_buckets: int = 16384
+
+    @classmethod
+    def from_params(cls, params: FeaturizeParams, behaviors: tuple[str, ...]) -> FeatureSpec:
+        return cls(
+            behaviors=tuple(behaviors),
+            windows_days=tuple(params.windows_days),
+            sequence_length=params.sequence_length,
+            category_buckets=params.category_buckets,
+            item_buckets=params.item_buckets,
+        )
+
+    def aggregate_columns(self) -> list[str]:
+        columns = ["n_events", "recency_days", "tenure_days", "active_days", "mean_gap_days",
+                   "n_categories", "n_items"]
+        for b in self.behaviors:
+            columns += [f"{b}_count", *(f"{b}_count_{w}d" for w in self.windows_days),
+                        f"{b}_recency_days"]
+        columns += ["monetary_sum", "monetary_mean", "monetary_max",
+                    *(f"monetary_sum_{w}d" for w in self.windows_days),
+                    "purchase_days", "btyd_frequency", "btyd_recency_days", "btyd_age_days"]
+        return columns
+
+
+def _epoch(cutoff: dt.datetime) -> float:
+    if cutoff.tzinfo is None:
+        raise ValueError("cutoffs must be timezone-aware (UTC)")
+    return cutoff.timestamp()
+
+
+def feature_sql(
+    source: str,
+    cutoff: dt.datetime,
+    spec: FeatureSpec,
+    label_end: dt.datetime | None = None,
+) -> str:
+    """SQL for the feature rows at `cutoff` over the relation `source` (canonical events).
+
+    Labels are added when `label_end` is given: value and purchases in [cutoff, label_end).
+    The population is every user with at least one event before the cutoff.
+    """
+    T = _epoch(cutoff)
+    day = SECONDS_PER_DAY
+    buy = sql_string(PURCHASE)
+    per_behavior = []
+    for b in spec.behaviors:
+        is_b = f"behavior = {sql_string(b)}"
+        per_behavior.append(f"count(*) FILTER (WHERE {is_b}) AS {b}_count")
+        for w in spec.windows_days:
+            per_behavior.append(f"count(*) FILTER (WHERE {is_b} AND t >= {T - w * day}) AS {b}_count_{w}d")
+        # Never seen: as old as the user's whole history (keeps the column numeric and monotone).
+        per_behavior.append(
+            f"coalesce(({T} - max(t) FILTER (WHERE {is_b})) / {day}, ({T} - min(t)) / {day}) "
+            f"AS {b}_recency_days"
+        )
+    monetary_windows = [
+        f"coalesce(sum(amount) FILTER (WHERE behavior = {buy} AND t >= {T - w * day}), 0) "
+        f"AS monetary_sum_{w}d"
+        for w in spec.windows_days
+    ]
+    behavior_id = "CASE behavior " + " ".join(
+        f"WHEN {sql_string(b)} THEN {i}" for i, b in enumerate(spec.behaviors, start=1)
+    ) + " ELSE 0 END"
+    L = spec.sequence_length
+    labels_cte = labels_join = labels_select = ""
+    if label_end is not None:
+        E = _epoch(label_end)
+        labels_cte = f""",
+        labels AS (
+            SELECT user_id, sum(amount) AS value, count(*) AS n_purchases
+            FROM {source}
+            WHERE behavior = {buy} AND epoch(ts) >= {T} AND epoch(ts) < {E}
+            GROUP BY user_id
+        )"""
+        labels_join = "LEFT JOIN labels USING (user_id)"
+        labels_select = """,
+            coalesce(labels.value, 0)::DOUBLE AS value,
+            coalesce(labels.n_purchases, 0)::INTEGER AS n_purchases,
+            coalesce(labels.n_purchases, 0) > 0 AS bought"""
+    return f"""
+        WITH ev AS (
+            SELECT user_id, epoch(ts) AS t, behavior, item_id, category_id, amount
+            FROM {source}
+            WHERE epoch(ts) < {T}
+        ),
+        aggregates AS (
+            SELECT
+                user_id,
+                count(*)::INTEGER AS n_events,
+                ({T} - max(t)) / {day} AS recency_days,
+                ({T} - min(t)) / {day} AS tenure_days,
+                count(DISTINCT floor(t / {day}))::INTEGER AS active_days,
+                CASE WHEN count(*) > 1 THEN (max(t) - min(t)) / {day} / (count(*) - 1)
+                     ELSE ({T} - min(t)) / {day} END AS mean_gap_days,
+                count(DISTINCT category_id)::INTEGER AS n_categories,
+                count(DISTINCT item_id)::INTEGER AS n_items,
+                {", ".join(per_behavior)},
+                coalesce(sum(amount) FILTER (WHERE behavior = {buy}), 0) AS monetary_sum,
+                coalesce(avg(amount) FILTER (WHERE behavior = {buy}), 0) AS monetary_mean,
+                coalesce(max(amount) FILTER (WHERE behavior = {buy}), 0) AS monetary_max,
+                {", ".join(monetary_windows)},
+                count(DISTINCT floor(t / {day})) FILTER (WHERE behavior = {buy})::INTEGER AS purchase_days,
+                greatest(count(DISTINCT floor(t / {day})) FILTER (WHERE behavior = {buy}) - 1, 0)::INTEGER
+                    AS btyd_frequency,
+                coalesce((max(t) FILTER (WHERE behavior = {buy}) - min(t) FILTER (WHERE behavior = {buy}))
+                    / {day}, 0) AS btyd_recency_days,
+                coalesce(({T} - min(t) FILTER (WHERE behavior = {buy})) / {day}, 0) AS btyd_age_days
+            FROM ev
+            GROUP BY user_id
+        ),
+        numbered AS (
+            SELECT
+                user_id, t, behavior, item_id, category_id, amount,
+                t - lag(t) OVER w AS gap,
+                row_number() OVER w AS k,
+                count(*) OVER (PARTITION BY user_id) AS n
+            FROM ev
+            WINDOW w AS (PARTITION BY user_id ORDER BY t, behavior, item_id, category_id, amount)
+        ),
+        sequences AS (
+            SELECT
+                user_id,
+                list(({behavior_id})::UTINYINT ORDER BY k) AS seq_behavior,
+                list((CASE WHEN category_id IS NULL THEN 0
+                      ELSE hash(category_id) % {spec.category_buckets} + 1 END)::INTEGER ORDER BY k)
+                    AS seq_category,
+                list((CASE WHEN item_id IS NULL THEN 0
+                      ELSE hash(item_id) % {spec.item_buckets} + 1 END)::INTEGER ORDER BY k) AS seq_item,
+                list(ln(1 + ({T} - t) / {day})::FLOAT ORDER BY k) AS seq_log_age_days,
+                list(ln(1 + coalesce(gap, 0) / {day})::FLOAT ORDER BY k) AS seq_log_gap_days,
+                list(ln(1 + amount)::FLOAT ORDER BY k) AS seq_log_amount
+            FROM numbered
+            WHERE k > n - {L}
+            GROUP BY user_id
+        ){labels_cte}
+        SELECT
+            aggregates.user_id,
+            make_timestamptz({int(T * 1_000_000)}) AS cutoff,
+            {", ".join(f"aggregates.{c}" for c in spec.aggregate_columns())},
+            {", ".join(f"sequences.{c}" for c in SEQUENCE_COLUMNS)}{labels_select}
+        FROM aggregates
+        JOIN sequences USING (user_id)
+        {labels_join}
+    """
+
+
+def connect(params: FeaturizeParams | None = None) -> duckdb.DuckDBPyConnection:
+    params = params or FeaturizeParams()
+    return duck.connect(memory_limit=params.memory_limit, threads=params.threads)
+
+
+def _register(con: duckdb.DuckDBPyConnection, events: str | Path | pa.Table | pd.DataFrame) -> str:
+    if isinstance(events, (str, Path)):
+        con.execute(f"CREATE OR REPLACE TEMP VIEW events AS SELECT * FROM read_parquet({sql_string(str(events))})")
+    else:
+        con.register("events_input", events)
+        con.execute("CREATE OR REPLACE TEMP VIEW events AS SELECT * FROM events_input")
+    return "events"
+
+
+def build_features(
+    events: str | Path | pa.Table | pd.DataFrame,
+    cutoff: dt.datetime,
+    spec: FeatureSpec = FeatureSpec(),
+    *,
+    label_end: dt.datetime | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pa.Table:
+    """Feature rows (one per user with history before `cutoff`), sorted by user_id."""
+    own = con is None
+    con = con or connect()
+    try:
+        source = _register(con, events)
+        return con.execute(f"{feature_sql(source, cutoff, spec, label_end)} ORDER BY user_id").arrow()
+    finally:
+        if own:
+            con.close()
+
+
+def label_windows(split: SplitParams) -> dict[str, list[tuple[dt.datetime, dt.datetime]]]:
+    """(cutoff, label end) per split. Training labels are clipped at the evaluation cutoff so no
+    training label ever overlaps the holdout; the clipped length is recorded as `label_days`."""
+    horizon = dt.timedelta(days=split.horizon_days)
+    eval_cutoff = split.eval_cutoff_utc
+    return {
+        "train": [(c, min(c + horizon, eval_cutoff)) for c in split.train_cutoffs_utc],
+        "eval": [(eval_cutoff, eval_cutoff + horizon)],
+    }
+
+
+def write_feature_sets(
+    events: str | Path,
+    split: SplitParams,
+    params: FeaturizeParams,
+    behaviors: tuple[str, ...],
+    out_dir: str | Path,
+) -> dict[str, int]:
+    """The featurize stage: `<out_dir>/{train,eval}.parquet` and `meta.json`, swapped in atomically."""
+    spec = FeatureSpec.from_params(params, behaviors)
+    windows = label_windows(split)
+    rows: dict[str, int] = {}
+    con = connect(params)
+    try:
+        source = _register(con, events)
+        with atomic_dir(out_dir) as tmp:
+            for name, cutoffs in windows.items():
+                if not cutoffs:
+                    continue
+                parts = [
+                    f"SELECT *, {(end - cutoff).total_seconds() / SECONDS_PER_DAY}::DOUBLE AS label_days "
+                    f"FROM ({feature_sql(source, cutoff, spec, end)})"
+                    for cutoff, end in cutoffs
+                ]
+                target = tmp / f"{name}.parquet"
+                con.execute(
+                    f"COPY ({' UNION ALL '.join(parts)} ORDER BY cutoff, user_id) "
+                    f"TO {sql_string(str(target))} (FORMAT PARQUET, COMPRESSION ZSTD)"
+                )
+                rows[name] = con.execute(f"SELECT count(*) FROM read_parquet({sql_string(str(target))})").fetchone()[0]
+            write_json(
+                tmp / "meta.json",
+                {
+                    "spec": spec.__dict__,
+                    "aggregate_columns": spec.aggregate_columns(),
+                    "sequence_columns": list(SEQUENCE_COLUMNS),
+                    "label_columns": [*LABEL_COLUMNS, "label_days"],
+                    "behavior_ids": {b: i for i, b in enumerate(spec.behaviors, start=1)},
+                    "horizon_days": split.horizon_days,
+                    "splits": {
+                        name: [{"cutoff": c.isoformat(), "label_end": e.isoformat()} for c, e in cutoffs]
+                        for name, cutoffs in windows.items()
+                    },
+                    "rows": rows,
+                },
+            )
+    finally:
+        con.close()
+    return rows

@@ -1,0 +1,93 @@
+"""Sources: every raw format becomes one canonical events table (see uservalue.schema)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from uservalue.config import DataParams
+from uservalue.io import atomic_dir, write_json
+from uservalue.sources.cdnow import read_cdnow
+from uservalue.sources.tabular import TabularSpec, read_amount_table, read_canonical
+from uservalue.sources.writer import write_events_in_order, write_sorted_events
+
+TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "unix_ts")
+TAOBAO_BEHAVIORS = {"pv": "view", "fav": "fav", "cart": "cart", "buy": "buy"}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    source: str
+    events: int
+    out: Path
+
+
+def taobao_spec(params: DataParams) -> TabularSpec:
+    table = params.taobao.category_amount_table
+    return TabularSpec(
+        columns={
+            "user_id": "user_id",
+            "item_id": "item_id",
+            "category_id": "category_id",
+            "behavior": "behavior_type",
+            "ts": "unix_ts",
+        },
+        behaviors=TAOBAO_BEHAVIORS,
+        ts_format="unix_s",
+        params_hint="data.taobao",
+        header=False,
+        headerless_names=TAOBAO_COLUMNS,
+        purchase_amount=params.taobao.purchase_amount,
+        category_amounts=read_amount_table(table) if table else {},
+    )
+
+
+def file_spec(params: DataParams) -> TabularSpec:
+    f = params.file
+    return TabularSpec(
+        columns=f.columns,
+        behaviors=f.behaviors,
+        ts_format=f.ts_format,
+        params_hint="data.file.behaviors / data.file.columns",
+        header=f.header,
+        delimiter=f.delimiter,
+        headerless_names=tuple(v for v in f.columns.values() if v) if not f.header else (),
+        purchase_amount=f.purchase_amount,
+    )
+
+
+def _tables(params: DataParams) -> Iterator[pa.Table]:
+    if params.source == "cdnow":
+        yield from read_cdnow()
+    elif params.source == "taobao":
+        yield from read_canonical(params.path, taobao_spec(params), fmt="csv")
+    elif params.source == "file":
+        yield from read_canonical(params.path, file_spec(params), fmt=params.file.format)
+    else:  # pragma: no cover - synthetic is handled by ingest() itself
+        raise AssertionError(params.source)
+
+
+def ingest(params: DataParams, out: str | Path, truth_dir: str | Path) -> IngestResult:
+    """Turn the configured source into `out` (sorted canonical events) and its `truth_dir`.
+
+    `truth_dir` holds the generator's planted truth for the synthetic source and, for real
+    sources, a truth.json that says there is none (so the DVC output always exists).
+    """
+    out, truth_dir = Path(out), Path(truth_dir)
+    if params.source == "synthetic":
+        from uservalue.sources.synthetic import generate
+
+        result = generate(params.synthetic, out, truth_dir, behaviors=params.behaviors)
+        return IngestResult("synthetic", result.events, out)
+    described = params.path if params.source in ("taobao", "file") else "cdnow"
+    events = write_sorted_events(_tables(params), out, source=str(described))
+
+    with atomic_dir(truth_dir) as tmp:
+        write_json(tmp / "truth.json", {"source": params.source, "planted": False})
+    return IngestResult(params.source, events, out)
+
+
+__all__ = ["IngestResult", "ingest", "taobao_spec", "file_spec", "write_events_in_order"]

@@ -1,0 +1,266 @@
+"""A Taobao-like behaviour log with planted ground truth, streamed to Parquet in bounded memory.
+
+The generative story (all of it written to the truth directory):
+- each user is born in the first half of the period and stays active for an exponential
+  lifetime; while active, non-purchase events (view, fav, cart) arrive as a Poisson process
+  whose daily intensity follows a yearly + weekly seasonality;
+- a user's behaviour mix is drawn around the global mix, their spend level is lognormal;
+- every non-purchase event of behaviour b *causes* a purchase of the same item with the planted
+  probability influence[b], after an exponential delay. So influence[b] is the expected number of
+  purchases one event of type b leads to: the ground truth of "behaviour influence";
+- `drift` shifts the behaviour mix towards views and raises spend (for monitoring tests).
+
+Users are generated in fixed blocks with their own seeds, so the output depends on the seed and
+parameters only, never on the chunk size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from uservalue.config import SyntheticSource
+from uservalue.io import atomic_dir, write_json
+from uservalue.schema import EVENTS_SCHEMA, PURCHASE
+from uservalue.sources.writer import write_events_in_order
+
+USERS_PER_BLOCK = 1000
+MIX_CONCENTRATION = 8.0  # how far a user's behaviour mix strays from the global one
+PREFERRED_CATEGORY_SHARES = np.array([0.6, 0.3, 0.1])
+PRICE_NOISE_SIGMA = 0.2
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    events: int
+    users: int
+    out: Path
+    truth_dir: Path
+
+
+def _seasonality(days: int, start: dt.date) -> np.ndarray:
+    """Relative daily intensity (mean 1): a yearly wave and a weekend bump."""
+    day = np.arange(days, dtype=np.float64)
+    ordinal = start.toordinal() + day
+    yearly = 0.25 * np.sin(2 * np.pi * (ordinal % 365.25) / 365.25)
+    weekday = (ordinal + 6) % 7  # 0 = Monday for proleptic ordinals (0001-01-01 was a Monday)
+    weekend = np.where(weekday >= 5, 0.15, -0.06)
+    season = 1.0 + yearly + weekend
+    return season / season.mean()
+
+
+def _drifted_mix(cfg: SyntheticSource) -> dict[str, float]:
+    mix = dict(cfg.behavior_mix)
+    for name in mix:
+        mix[name] *= (1 + cfg.drift) if name == "view" else (1 - 0.6 * cfg.drift)
+    total = sum(mix.values())
+    return {name: share / total for name, share in mix.items()}
+
+
+def _mean_active_days(cfg: SyntheticSource) -> float:
+    """E[min(lifetime, days - birth)] for birth ~ U(0, days/2), lifetime ~ Exp(mean)."""
+    m, days, b = cfg.mean_lifetime_days, float(cfg.days), cfg.days / 2
+    return m - m * (m / b) * (math.exp(-(days - b) / m) - math.exp(-days / m))
+
+
+class _Plan:
+    """Everything shared by all blocks: calendar, prices, global mix."""
+
+    def __init__(self, cfg: SyntheticSource, behaviors: tuple[str, ...]) -> None:
+        self.cfg = cfg
+        self.kinds = tuple(cfg.behavior_mix)  # non-purchase behaviours, in params order
+        unknown = set(self.kinds) - set(behaviors)
+        if unknown:
+            raise ValueError(f"synthetic behaviours {sorted(unknown)} are not in data.behaviors")
+        self.mix = _drifted_mix(cfg)
+        self.influence = np.array([cfg.influence[k] for k in self.kinds])
+        self.season = _seasonality(cfg.days, cfg.start)
+        self.season_cum = np.concatenate([[0.0], np.cumsum(self.season)])
+        self.day_grid = np.arange(cfg.days + 1, dtype=np.float64)
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xCA7]))
+        self.category_price = np.round(rng.lognormal(math.log(15.0), 0.7, cfg.categories), 2)
+        popularity = 1.0 / np.arange(1, cfg.categories + 1) ** 0.8
+        self.category_popularity = popularity / popularity.sum()
+        self.rate_per_day = cfg.events_per_user / _mean_active_days(cfg)
+        self.start_us = int(
+            dt.datetime.combine(cfg.start, dt.time(), tzinfo=dt.UTC).timestamp() * 1_000_000
+        )
+        self.id_width = len(str(max(cfg.users - 1, 1)))
+        self.category_names = pc.cast(pa.array(np.arange(cfg.categories)), pa.string())
+
+    def cumulative(self, day: np.ndarray) -> np.ndarray:
+        return np.interp(day, self.day_grid, self.season_cum)
+
+    def user_ids(self, first: int, count: int) -> pa.Array:
+        return pa.array([f"u{i:0{self.id_width}d}" for i in range(first, first + count)], pa.string())
+
+
+def _block(plan: _Plan, block: int) -> tuple[pa.Table, pd.DataFrame]:
+    cfg = plan.cfg
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, block]))
+    first = block * USERS_PER_BLOCK
+    n_users = min(USERS_PER_BLOCK, cfg.users - first)
+
+    # --- users -----------------------------------------------------------------------
+    activity = rng.gamma(1.0, 1.0, n_users)
+    birth = rng.uniform(0, cfg.days / 2, n_users)
+    end = np.minimum(birth + rng.exponential(cfg.mean_lifetime_days, n_users), cfg.days)
+    global_mix = np.array([plan.mix[k] for k in plan.kinds])
+    mix = rng.dirichlet(MIX_CONCENTRATION * global_mix, n_users)
+    spend = rng.lognormal(0.0, 0.6, n_users) * (1 + cfg.drift)
+    preferred = rng.choice(cfg.categories, size=(n_users, 3), p=plan.category_popularity)
+    rate = plan.rate_per_day * activity
+
+    # --- non-purchase events ---------------------------------------------------------
+    cum_birth, cum_end = plan.cumulative(birth), plan.cumulative(end)
+    counts = rng.poisson(rate * (cum_end - cum_birth))
+    owner = np.repeat(np.arange(n_users), counts)
+    position = rng.uniform(cum_birth[owner], cum_end[owner])
+    day = np.interp(position, plan.season_cum, plan.day_grid)  # inverse CDF of the seasonality
+    kind = (rng.random(owner.size)[:, None] > np.cumsum(mix, axis=1)[owner]).sum(axis=1)
+    kind = np.minimum(kind, len(plan.kinds) - 1)
+    slot = rng.choice(3, size=owner.size, p=PREFERRED_CATEGORY_SHARES)
+    category = preferred[owner, slot]
+    item_rank = (cfg.items_per_category * rng.random(owner.size) ** 2).astype(np.int64)
+    item = category.astype(np.int64) * cfg.items_per_category + item_rank
+
+    # --- purchases caused by them (the planted influence) ----------------------------
+    converts = rng.random(owner.size) < plan.influence[kind]
+    buy_day = day[converts] + rng.exponential(cfg.purchase_delay_days, int(converts.sum()))
+    keep = buy_day < end[owner[converts]]
+    buy_owner = owner[converts][keep]
+    buy_day = buy_day[keep]
+    buy_category = category[converts][keep]
+    buy_item = item[converts][keep]
+    price_noise = rng.lognormal(0.0, PRICE_NOISE_SIGMA, buy_owner.size)
+    buy_amount = np.round(plan.category_price[buy_category] * spend[buy_owner] * price_noise, 2)
+
+    # --- one sorted table ------------------------------------------------------------
+    behavior_names = pa.array([*plan.kinds, PURCHASE], pa.string())
+    all_owner = np.concatenate([owner, buy_owner])
+    all_day = np.concatenate([day, buy_day])
+    all_kind = np.concatenate([kind, np.full(buy_owner.size, len(plan.kinds))])
+    all_category = np.concatenate([category, buy_category])
+    all_item = np.concatenate([item, buy_item])
+    all_amount = np.concatenate([np.zeros(owner.size), buy_amount])
+    order = np.lexsort((all_day, all_owner))
+    # Whole seconds, like the Taobao log.
+    ts = plan.start_us + (all_day[order] * 86_400).astype(np.int64) * 1_000_000
+    table = pa.Table.from_arrays(
+        [
+            plan.user_ids(first, n_users).take(pa.array(all_owner[order])),
+            pa.array(ts, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            behavior_names.take(pa.array(all_kind[order])),
+            pc.cast(pa.array(all_item[order]), pa.string()),
+            plan.category_names.take(pa.array(all_category[order])),
+            pa.array(np.ones(order.size)),
+            pa.array(all_amount[order]),
+        ],
+        schema=EVENTS_SCHEMA,
+    )
+
+    mean_order_value = (
+        spend
+        * (plan.category_price[preferred] * PREFERRED_CATEGORY_SHARES).sum(axis=1)
+        * math.exp(PRICE_NOISE_SIGMA**2 / 2)
+    )
+    truth = pd.DataFrame(
+        {
+            "user_id": plan.user_ids(first, n_users).to_pylist(),
+            "birth_day": birth,
+            "end_day": end,
+            "events_per_day": rate,
+            "buys_per_day": rate * (mix * plan.influence).sum(axis=1),
+            "mean_order_value": mean_order_value,
+            **{f"mix_{k}": mix[:, i] for i, k in enumerate(plan.kinds)},
+        }
+    )
+    return table, truth
+
+
+def _blocks(plan: _Plan, truth_frames: list[pd.DataFrame]) -> Iterator[pa.Table]:
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    for block in range(math.ceil(plan.cfg.users / USERS_PER_BLOCK)):
+        table, truth = _block(plan, block)
+        truth_frames.append(truth)
+        pending.append(table)
+        pending_rows += table.num_rows
+        if pending_rows >= plan.cfg.chunk_events:
+            yield pa.concat_tables(pending)
+            pending, pending_rows = [], 0
+    if pending:
+        yield pa.concat_tables(pending)
+
+
+def generate(
+    cfg: SyntheticSource,
+    out: str | Path,
+    truth_dir: str | Path,
+    behaviors: tuple[str, ...] = ("view", "fav", "cart", "buy"),
+    progress: object | None = None,
+) -> GenerateResult:
+    """Write the synthetic log to `out` and its planted truth to `truth_dir` (both atomically)."""
+    plan = _Plan(cfg, behaviors)
+    truth_frames: list[pd.DataFrame] = []
+    tables = _blocks(plan, truth_frames)
+    if progress is not None:
+        tables = progress(tables)  # type: ignore[operator]
+    events = write_events_in_order(tables, out)
+    with atomic_dir(truth_dir) as tmp:
+        pq.write_table(
+            pa.Table.from_pandas(pd.concat(truth_frames, ignore_index=True), preserve_index=False),
+            tmp / "users.parquet",
+        )
+        write_json(
+            tmp / "truth.json",
+            {
+                "source": "synthetic",
+                "planted": True,
+                "params": cfg.model_dump(mode="json"),
+                "behavior_mix": plan.mix,
+                # Expected purchases caused by one event of each behaviour.
+                "influence": dict(cfg.influence),
+                "seasonality": plan.season.round(6).tolist(),
+                "start": cfg.start.isoformat(),
+                "events": events,
+            },
+        )
+    return GenerateResult(events, cfg.users, Path(out), Path(truth_dir))
+
+
+def expected_value(truth_dir: str | Path, cutoff: dt.datetime, horizon_days: float) -> pd.DataFrame:
+    """Each user's planted expected spend in [cutoff, cutoff + horizon) given their latent state.
+
+    Uses the user's true lifetime, so it is the value an oracle would predict; purchase delays
+    that straddle the window's edges are ignored (they are days against a months-long horizon).
+    """
+    import json
+
+    truth_dir = Path(truth_dir)
+    meta = json.loads((truth_dir / "truth.json").read_text())
+    users = pd.read_parquet(truth_dir / "users.parquet")
+    season = np.asarray(meta["seasonality"])
+    cumulative = np.concatenate([[0.0], np.cumsum(season)])
+    grid = np.arange(season.size + 1, dtype=np.float64)
+    start = dt.datetime.fromisoformat(meta["start"]).replace(tzinfo=dt.UTC)
+    lo_day = (cutoff - start).total_seconds() / 86400
+    lo = np.clip(np.maximum(lo_day, users["birth_day"]), 0, season.size)
+    hi = np.clip(np.minimum(lo_day + horizon_days, users["end_day"]), 0, season.size)
+    exposure = np.clip(np.interp(hi, grid, cumulative) - np.interp(lo, grid, cumulative), 0, None)
+    return pd.DataFrame(
+        {
+            "user_id": users["user_id"],
+            "expected_buys": users["buys_per_day"] * exposure,
+            "expected_value": users["buys_per_day"] * exposure * users["mean_order_value"],
+        }
+    )

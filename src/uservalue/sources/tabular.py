@@ -1,0 +1,342 @@
+"""Read a delimited or Parquet file into canonical event batches, with errors that point at the row.
+
+The happy path streams Arrow batches (fast, bounded memory). When the CSV parser itself
+gives up (bad bytes, wrong field count) a slow line scanner runs once to name the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from uservalue.errors import InputError
+from uservalue.schema import EVENTS_SCHEMA, PURCHASE
+
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+_INTEGER = r"^\s*[-+]?\d+\s*$"
+_BLOCK_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class TabularSpec:
+    """How one source's columns and names map onto the canonical table."""
+
+    columns: Mapping[str, str | None]  # canonical column -> source column
+    behaviors: Mapping[str, str]  # source behaviour name -> canonical behaviour
+    ts_format: str  # iso | unix_s | unix_ms | a strftime pattern
+    params_hint: str  # where in params.yaml the user fixes a mapping problem
+    header: bool = True
+    delimiter: str = ","
+    headerless_names: tuple[str, ...] = ()  # column names when the file has no header
+    purchase_amount: float = 1.0
+    category_amounts: Mapping[str, float] = field(default_factory=dict)
+
+    def source(self, canonical: str) -> str | None:
+        return self.columns.get(canonical) or None
+
+
+def _first_true(mask: pa.ChunkedArray | pa.Array) -> int | None:
+    mask = pc.fill_null(mask, False)
+    if not pc.any(mask).as_py():
+        return None
+    return int(pc.index(mask, True).as_py())
+
+
+class _Batch:
+    """One batch of raw columns plus what is needed to name a row in an error."""
+
+    def __init__(self, table: pa.Table, path: Path, first_row: int, spec: TabularSpec) -> None:
+        self.table = table
+        self.path = path
+        self.first_row = first_row  # row number (as reported) of the batch's first row
+        self.spec = spec
+
+    def fail(self, index: int, column: str, problem: str, expected: str) -> InputError:
+        value = self.table.column(column)[index].as_py()
+        return InputError(
+            self.path, problem, row=self.first_row + index, column=column, expected=expected, found=value
+        )
+
+    def raw(self, canonical: str) -> pa.ChunkedArray | None:
+        name = self.spec.source(canonical)
+        return None if name is None else self.table.column(name)
+
+    def strings(self, canonical: str) -> pa.ChunkedArray | None:
+        column = self.raw(canonical)
+        if column is None:
+            return None
+        return column if pa.types.is_string(column.type) else pc.cast(column, pa.string())
+
+    def required(self, canonical: str) -> pa.ChunkedArray:
+        column = self.strings(canonical)
+        assert column is not None  # FileSource validation guarantees required columns are mapped
+        trimmed = pc.utf8_trim_whitespace(column)
+        bad = _first_true(pc.or_kleene(pc.is_null(trimmed), pc.equal(trimmed, "")))
+        if bad is not None:
+            raise self.fail(bad, self.spec.source(canonical), "empty value", f"a non-empty {canonical}")
+        return trimmed
+
+    def number(self, canonical: str, default: float) -> pa.ChunkedArray:
+        name = self.spec.source(canonical)
+        column = self.raw(canonical)
+        if column is None:
+            return pa.chunked_array([np.full(self.table.num_rows, default)], pa.float64())
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+            column = self.strings(canonical)
+            bad = _first_true(pc.invert(pc.match_substring_regex(column, _NUMBER)))
+            if bad is not None:
+                raise self.fail(bad, name, "not a number", f"a number for {canonical}")
+            column = pc.utf8_trim_whitespace(column)
+        values = pc.cast(column, pa.float64())
+        bad = _first_true(pc.or_kleene(pc.less(values, 0), pc.invert(pc.is_finite(values))))
+        if bad is not None:
+            raise self.fail(bad, name, f"negative or non-finite {canonical}", f"{canonical} >= 0")
+        return pc.fill_null(values, default)
+
+    def timestamps(self) -> pa.ChunkedArray:
+        name = self.spec.source("ts")
+        column = self.raw("ts")
+        fmt = self.spec.ts_format
+        if pa.types.is_timestamp(column.type):
+            unit_type = pa.timestamp("us", tz=column.type.tz or "UTC")
+            values = pc.cast(column, unit_type)
+        elif fmt in ("unix_s", "unix_ms"):
+            if not pa.types.is_integer(column.type):
+                column = self.strings("ts")
+                bad = _first_true(pc.invert(pc.match_substring_regex(column, _INTEGER)))
+                if bad is not None:
+                    raise self.fail(bad, name, "unparseable timestamp", f"an integer unix time ({fmt})")
+                column = pc.utf8_trim_whitespace(column)
+            seconds = pc.cast(column, pa.int64())
+            micros = pc.multiply_checked(seconds, 1_000_000 if fmt == "unix_s" else 1_000)
+            values = pc.cast(micros, pa.timestamp("us", tz="UTC"))
+        else:
+            strings = self.strings("ts").to_pandas()
+            kwargs = {"format": "ISO8601"} if fmt == "iso" else {"format": fmt}
+            parsed = pd.to_datetime(strings, errors="coerce", utc=True, **kwargs)
+            bad_mask = parsed.isna().to_numpy()
+            if bad_mask.any():
+                expected = "an ISO 8601 timestamp" if fmt == "iso" else f"a timestamp like '{fmt}'"
+                raise self.fail(int(np.argmax(bad_mask)), name, "unparseable timestamp", expected)
+            values = pa.chunked_array([pa.array(parsed.astype("datetime64[us, UTC]"))])
+        bad = _first_true(pc.is_null(values))
+        if bad is not None:
+            raise self.fail(bad, name, "empty value", "a timestamp")
+        return values
+
+    def behaviors(self) -> pa.ChunkedArray:
+        name = self.spec.source("behavior")
+        column = self.required("behavior")
+        known = list(self.spec.behaviors)
+        index = pc.index_in(column, value_set=pa.array(known, pa.string()))
+        bad = _first_true(pc.is_null(index))
+        if bad is not None:
+            raise self.fail(
+                bad, name, "unknown behaviour",
+                f"one of {known} (map more names in {self.spec.params_hint})",
+            )
+        canonical = pa.array([self.spec.behaviors[k] for k in known], pa.string())
+        return pc.take(canonical, index)
+
+    def optional_ids(self, canonical: str) -> pa.ChunkedArray:
+        column = self.strings(canonical)
+        if column is None:
+            return pa.chunked_array([pa.nulls(self.table.num_rows, pa.string())])
+        return column
+
+    def canonical(self) -> pa.Table:
+        behavior = self.behaviors()
+        is_purchase = pc.equal(behavior, PURCHASE)
+        category = self.optional_ids("category_id")
+        if self.spec.source("amount") is not None:
+            amount = self.number("amount", 0.0)
+        else:
+            # No money in the source: a purchase is worth its category's value or the constant.
+            per_category = pc.cast(
+                _lookup(category, self.spec.category_amounts), pa.float64()
+            )
+            purchase_value = pc.fill_null(per_category, self.spec.purchase_amount)
+            amount = pc.if_else(is_purchase, purchase_value, 0.0)
+        columns = {
+            "user_id": self.required("user_id"),
+            "ts": self.timestamps(),
+            "behavior": behavior,
+            "item_id": self.optional_ids("item_id"),
+            "category_id": category,
+            "quantity": self.number("quantity", 1.0),
+            "amount": amount,
+        }
+        return pa.Table.from_pydict(columns, schema=EVENTS_SCHEMA)
+
+
+def _lookup(keys: pa.ChunkedArray, table: Mapping[str, float]) -> pa.ChunkedArray:
+    if not table:
+        return pa.chunked_array([pa.nulls(len(keys), pa.float64())])
+    names = list(table)
+    index = pc.index_in(keys, value_set=pa.array(names, pa.string()))
+    return pc.take(pa.array([table[n] for n in names], pa.float64()), index)
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def _guess_delimiter(line: str, expected: str) -> str | None:
+    for candidate in (",", ";", "\t", "|", " "):
+        if candidate != expected and candidate in line:
+            return candidate
+    return None
+
+
+def _locate_csv_problem(path: Path, spec: TabularSpec, n_fields: int) -> InputError | None:
+    """Scan line by line for the first undecodable or mis-shaped row (slow; error path only)."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return InputError(
+                    path, f"bytes are not valid UTF-8 (byte 0x{raw[error.start]:02x} at "
+                    f"character {error.start + 1})", row=number, expected="UTF-8 text",
+                )
+            text = line.rstrip("\r\n")
+            if not text:
+                continue
+            fields = next(csv.reader(io.StringIO(text), delimiter=spec.delimiter))
+            if len(fields) != n_fields:
+                hint = _guess_delimiter(text, spec.delimiter)
+                problem = f"{len(fields)} field(s) separated by {spec.delimiter!r}"
+                if hint and len(fields) == 1:
+                    problem += f" (is the delimiter {hint!r}?)"
+                return InputError(path, problem, row=number, expected=f"{n_fields} fields", found=text[:120])
+    return None
+
+
+def _read_header(path: Path, spec: TabularSpec) -> list[str]:
+    with path.open("rb") as handle:
+        first = handle.readline()
+    try:
+        text = first.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise InputError(path, "header bytes are not valid UTF-8", row=1,
+                         expected="UTF-8 text", found=first[error.start:error.start + 4]) from None
+    return next(csv.reader(io.StringIO(text), delimiter=spec.delimiter))
+
+
+def _check_mapped_columns(path: Path, spec: TabularSpec, available: list[str]) -> None:
+    for canonical, name in spec.columns.items():
+        if name and name not in available:
+            shown = ",".join(available)[:200]
+            hint = ""
+            if len(available) == 1:
+                guess = _guess_delimiter(available[0], spec.delimiter)
+                if guess:
+                    hint = f" (the file seems separated by {guess!r}, not {spec.delimiter!r})"
+            raise InputError(
+                path, f"missing column '{name}' for {canonical}{hint}", row=1 if spec.header else None,
+                column=name, expected=f"columns named in {spec.params_hint}", found=shown,
+            )
+
+
+def _csv_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
+    if spec.header:
+        names = _read_header(path, spec)
+        _check_mapped_columns(path, spec, names)
+    else:
+        names = list(spec.headerless_names)
+        _check_mapped_columns(path, spec, names)
+    wanted = [n for n in dict.fromkeys(v for v in spec.columns.values() if v)]
+    reader = pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(
+            column_names=None if spec.header else names, block_size=_BLOCK_BYTES
+        ),
+        parse_options=pacsv.ParseOptions(delimiter=spec.delimiter),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in wanted},
+            include_columns=wanted,
+            strings_can_be_null=True,
+            null_values=[""],
+        ),
+    )
+    next_row = 2 if spec.header else 1
+    while True:
+        try:
+            record_batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as error:
+            located = _locate_csv_problem(path, spec, len(names))
+            raise located or InputError(path, f"cannot be parsed as CSV: {error}") from None
+        table = pa.Table.from_batches([record_batch])
+        yield _Batch(table, path, next_row, spec)
+        next_row += table.num_rows
+
+
+def _parquet_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(path, f"not a readable Parquet file ({error})") from None
+    _check_mapped_columns(path, spec, parquet.schema_arrow.names)
+    wanted = [n for n in dict.fromkeys(v for v in spec.columns.values() if v)]
+    next_row = 1
+    for record_batch in parquet.iter_batches(batch_size=1_000_000, columns=wanted):
+        table = pa.Table.from_batches([record_batch])
+        yield _Batch(table, path, next_row, spec)
+        next_row += table.num_rows
+
+
+def check_readable(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file does not exist", expected="an existing file (data.path)")
+    if not path.is_file():
+        raise InputError(path, "is not a file", expected="a CSV or Parquet file")
+    if path.stat().st_size == 0 or not path.read_bytes()[:65536].strip():
+        raise InputError(path, "file is empty", expected="event rows")
+    return path
+
+
+def is_parquet(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4) == b"PAR1"
+
+
+def read_canonical(path: str | Path, spec: TabularSpec, fmt: str = "auto") -> Iterator[pa.Table]:
+    """Yield canonical event tables, one per input batch; raise InputError at the first bad row."""
+    path = check_readable(path)
+    parquet = is_parquet(path) if fmt == "auto" else fmt == "parquet"
+    batches = _parquet_batches(path, spec) if parquet else _csv_batches(path, spec)
+    for batch in batches:
+        if batch.table.num_rows:
+            yield batch.canonical()
+
+
+def read_amount_table(path: str | Path) -> dict[str, float]:
+    """A per-category purchase value table: CSV with columns category_id,amount."""
+    path = check_readable(path)
+    frame = pd.read_csv(path, dtype={"category_id": str})
+    for column in ("category_id", "amount"):
+        if column not in frame.columns:
+            raise InputError(path, f"missing column '{column}'", row=1, column=column,
+                             expected="columns category_id,amount", found=",".join(frame.columns))
+    amounts = pd.to_numeric(frame["amount"], errors="coerce")
+    bad = amounts.isna() | (amounts < 0)
+    if bad.any():
+        index = int(np.argmax(bad.to_numpy()))
+        raise InputError(path, "bad purchase value", row=index + 2, column="amount",
+                         expected="a number >= 0", found=frame["amount"].iloc[index])
+    return dict(zip(frame["category_id"].astype(str), amounts.astype(float), strict=True))
+
+
+__all__ = ["TabularSpec", "check_readable", "read_amount_table", "read_canonical"]

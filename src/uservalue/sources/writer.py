@@ -1,0 +1,68 @@
+"""Write canonical events: batches to a temporary Parquet, then sort by (user, time) into place."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from uservalue.duck import connect, sql_string
+from uservalue.errors import InputError
+from uservalue.io import atomic_path
+from uservalue.schema import EVENTS_SCHEMA
+
+ROW_GROUP_ROWS = 1_000_000
+
+
+def write_sorted_events(
+    tables: Iterable[pa.Table], out: str | Path, *, source: str, memory_limit: str = "4GB"
+) -> int:
+    """Stream `tables` to disk and write them sorted by user and time to `out` atomically.
+
+    Returns the number of events. Nothing is written to `out` if any batch raises.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    # Scratch space next to the output (same disk); removed whatever happens.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch:
+        unsorted = Path(scratch) / "unsorted.parquet"
+        with pq.ParquetWriter(unsorted, EVENTS_SCHEMA, compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+                rows += table.num_rows
+        if rows == 0:
+            raise InputError(source, "contains no events", expected="at least one event row")
+        with atomic_path(out) as sorted_tmp:
+            sort_events_file(unsorted, sorted_tmp, memory_limit=memory_limit)
+    return rows
+
+
+def sort_events_file(src: Path, dst: Path, *, memory_limit: str = "4GB") -> None:
+    """DuckDB sorts out of core, so this works for logs larger than memory."""
+    con = connect(memory_limit=memory_limit)
+    try:
+        con.execute(
+            f"""
+            COPY (
+                SELECT * FROM read_parquet({sql_string(str(src))})
+                ORDER BY user_id, ts, behavior, item_id NULLS FIRST
+            ) TO {sql_string(str(dst))} (FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE {ROW_GROUP_ROWS})
+            """
+        )
+    finally:
+        con.close()
+
+
+def write_events_in_order(tables: Iterable[pa.Table], out: str | Path) -> int:
+    """For producers that already emit batches sorted by user and time (the generator)."""
+    rows = 0
+    with atomic_path(out) as tmp:
+        with pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table.cast(EVENTS_SCHEMA), row_group_size=ROW_GROUP_ROWS)
+                rows += table.num_rows
+    return rows
