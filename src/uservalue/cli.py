@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from uservalue.errors import ConfigError, InputError, UservalueError, ValidationFailed
+from uservalue.errors import InputError, UservalueError, ValidationFailed
 
 app = typer.Typer(
     name="uservalue",
@@ -40,13 +40,19 @@ def _reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except ValidationFailed as error:
-            err.print(f"[bold red]validation failed[/]: {error}", highlight=False, markup=True, soft_wrap=True)
+            _report("validation failed", error)
             raise typer.Exit(1) from None
-        except (InputError, ConfigError, UservalueError) as error:
-            err.print(f"[bold red]error[/]: {error}", highlight=False, soft_wrap=True)
+        except UservalueError as error:  # bad input (InputError) or configuration (ConfigError)
+            _report("error", error)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _report(kind: str, error: Exception) -> None:
+    err.print(f"[bold red]{kind}[/]: ", end="")
+    # Messages quote user data and "[...]" hints: never read them as markup.
+    err.print(str(error), markup=False, highlight=False, soft_wrap=True)
 
 
 def _progress() -> Progress:

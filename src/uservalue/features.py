@@ -215,7 +215,7 @@ def build_features(
     con = con or connect()
     try:
         source = _register(con, events)
-        return con.execute(f"{feature_sql(source, cutoff, spec, label_end)} ORDER BY user_id").arrow()
+        return con.sql(f"{feature_sql(source, cutoff, spec, label_end)} ORDER BY user_id").to_arrow_table()
     finally:
         if own:
             con.close()

@@ -73,8 +73,10 @@ def build_suite(
 ):
     """The expectation suite. `meta.row_level` marks the ones whose failing rows can be quarantined."""
     import great_expectations as gx
+    from great_expectations.expectations.row_conditions import Column
 
     E = gx.expectations
+    is_purchase, not_purchase = Column("behavior") == PURCHASE, Column("behavior") != PURCHASE
     row_level: list[Any] = []
     for column in REQUIRED_COLUMNS:
         row_level.append(E.ExpectColumnValuesToNotBeNull(column=column))
@@ -83,8 +85,8 @@ def build_suite(
         E.ExpectColumnValuesToBeBetween(column="amount", min_value=0),
         E.ExpectColumnValuesToBeBetween(
             column="amount", min_value=0, max_value=0,
-            row_condition=f'behavior!="{PURCHASE}"', condition_parser="pandas",
-            description="amount is 0 for non-purchases",
+            row_condition=not_purchase, description="amount is 0 for non-purchases",
+            meta={"where": f'behavior!="{PURCHASE}"'},
         ),
         E.ExpectColumnValuesToBeBetween(column="quantity", min_value=0),
     ]
@@ -112,17 +114,18 @@ def build_suite(
         ),
         E.ExpectTableRowCountToBeBetween(
             min_value=cfg.min_purchases,
-            row_condition=f'behavior=="{PURCHASE}"', condition_parser="pandas",
+            row_condition=is_purchase,
             description=f"at least {cfg.min_purchases} purchases (validate.min_purchases)",
+            meta={"where": f'behavior=="{PURCHASE}"'},
         ),
     ]
     suite = gx.ExpectationSuite(name=SUITE_NAME)
     for expectation in row_level:
-        expectation.meta = {"row_level": True}
+        expectation.meta = {**(expectation.meta or {}), "row_level": True}
         suite.add_expectation(expectation)
     if not row_level_only:
         for expectation in table_level:
-            expectation.meta = {"row_level": False}
+            expectation.meta = {**(expectation.meta or {}), "row_level": False}
             suite.add_expectation(expectation)
     return suite
 
@@ -187,8 +190,9 @@ def _column_of(config) -> str | None:
 def _label(config) -> str:
     column = _column_of(config)
     label = f"{config.type}({column})" if column else config.type
-    if config.kwargs.get("row_condition"):
-        label += f" where {config.kwargs['row_condition']}"
+    where = (config.meta or {}).get("where")
+    if where:
+        label += f" where {where}"
     return label
 
 

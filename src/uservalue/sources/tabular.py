@@ -197,8 +197,20 @@ def _guess_delimiter(line: str, expected: str) -> str | None:
     return None
 
 
-def _locate_csv_problem(path: Path, spec: TabularSpec, n_fields: int) -> InputError | None:
+def _undecodable_field(raw: bytes, spec: TabularSpec, names: list[str]) -> str | None:
+    """The column whose bytes are not UTF-8 (latin-1 maps bytes 1:1, so the split is exact)."""
+    fields = next(csv.reader(io.StringIO(raw.decode("latin-1").rstrip("\r\n")), delimiter=spec.delimiter))
+    for index, value in enumerate(fields):
+        try:
+            value.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            return names[index] if index < len(names) else None
+    return None
+
+
+def _locate_csv_problem(path: Path, spec: TabularSpec, names: list[str]) -> InputError | None:
     """Scan line by line for the first undecodable or mis-shaped row (slow; error path only)."""
+    n_fields = len(names)
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -206,7 +218,8 @@ def _locate_csv_problem(path: Path, spec: TabularSpec, n_fields: int) -> InputEr
             except UnicodeDecodeError as error:
                 return InputError(
                     path, f"bytes are not valid UTF-8 (byte 0x{raw[error.start]:02x} at "
-                    f"character {error.start + 1})", row=number, expected="UTF-8 text",
+                    f"character {error.start + 1})", row=number,
+                    column=_undecodable_field(raw, spec, names), expected="UTF-8 text",
                 )
             text = line.rstrip("\r\n")
             if not text:
@@ -215,9 +228,16 @@ def _locate_csv_problem(path: Path, spec: TabularSpec, n_fields: int) -> InputEr
             if len(fields) != n_fields:
                 hint = _guess_delimiter(text, spec.delimiter)
                 problem = f"{len(fields)} field(s) separated by {spec.delimiter!r}"
+                column = None
                 if hint and len(fields) == 1:
                     problem += f" (is the delimiter {hint!r}?)"
-                return InputError(path, problem, row=number, expected=f"{n_fields} fields", found=text[:120])
+                elif len(fields) < n_fields:
+                    column = names[len(fields)]  # the first column left without a value
+                    problem += f", so no value for '{column}'"
+                return InputError(
+                    path, problem, row=number, column=column,
+                    expected=f"{n_fields} fields ({spec.delimiter.join(names)})", found=text[:120],
+                )
     return None
 
 
@@ -232,7 +252,7 @@ def _read_header(path: Path, spec: TabularSpec) -> list[str]:
     return next(csv.reader(io.StringIO(text), delimiter=spec.delimiter))
 
 
-def _check_mapped_columns(path: Path, spec: TabularSpec, available: list[str]) -> None:
+def _check_mapped_columns(path: Path, spec: TabularSpec, available: list[str], row: int | None) -> None:
     for canonical, name in spec.columns.items():
         if name and name not in available:
             shown = ",".join(available)[:200]
@@ -242,7 +262,7 @@ def _check_mapped_columns(path: Path, spec: TabularSpec, available: list[str]) -
                 if guess:
                     hint = f" (the file seems separated by {guess!r}, not {spec.delimiter!r})"
             raise InputError(
-                path, f"missing column '{name}' for {canonical}{hint}", row=1 if spec.header else None,
+                path, f"missing column '{name}' for {canonical}{hint}", row=row,
                 column=name, expected=f"columns named in {spec.params_hint}", found=shown,
             )
 
@@ -250,12 +270,35 @@ def _check_mapped_columns(path: Path, spec: TabularSpec, available: list[str]) -
 def _csv_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
     if spec.header:
         names = _read_header(path, spec)
-        _check_mapped_columns(path, spec, names)
+        _check_mapped_columns(path, spec, names, row=1)
     else:
         names = list(spec.headerless_names)
-        _check_mapped_columns(path, spec, names)
+        _check_mapped_columns(path, spec, names, row=None)
     wanted = [n for n in dict.fromkeys(v for v in spec.columns.values() if v)]
-    reader = pacsv.open_csv(
+
+    def unreadable(error: pa.ArrowInvalid) -> InputError:
+        located = _locate_csv_problem(path, spec, names)
+        return located or InputError(path, f"cannot be parsed as CSV: {error}")
+
+    try:  # open_csv already parses the first block, so its errors need a row too
+        reader = _open_csv(path, spec, names, wanted)
+    except pa.ArrowInvalid as error:
+        raise unreadable(error) from None
+    next_row = 2 if spec.header else 1
+    while True:
+        try:
+            record_batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as error:
+            raise unreadable(error) from None
+        table = pa.Table.from_batches([record_batch])
+        yield _Batch(table, path, next_row, spec)
+        next_row += table.num_rows
+
+
+def _open_csv(path: Path, spec: TabularSpec, names: list[str], wanted: list[str]) -> pacsv.CSVStreamingReader:
+    return pacsv.open_csv(
         path,
         read_options=pacsv.ReadOptions(
             column_names=None if spec.header else names, block_size=_BLOCK_BYTES
@@ -268,18 +311,6 @@ def _csv_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
             null_values=[""],
         ),
     )
-    next_row = 2 if spec.header else 1
-    while True:
-        try:
-            record_batch = reader.read_next_batch()
-        except StopIteration:
-            return
-        except pa.ArrowInvalid as error:
-            located = _locate_csv_problem(path, spec, len(names))
-            raise located or InputError(path, f"cannot be parsed as CSV: {error}") from None
-        table = pa.Table.from_batches([record_batch])
-        yield _Batch(table, path, next_row, spec)
-        next_row += table.num_rows
 
 
 def _parquet_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
@@ -287,7 +318,8 @@ def _parquet_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as error:
         raise InputError(path, f"not a readable Parquet file ({error})") from None
-    _check_mapped_columns(path, spec, parquet.schema_arrow.names)
+    # Parquet has no header row: "row 1" would point at the first event, so name no row.
+    _check_mapped_columns(path, spec, parquet.schema_arrow.names, row=None)
     wanted = [n for n in dict.fromkeys(v for v in spec.columns.values() if v)]
     next_row = 1
     for record_batch in parquet.iter_batches(batch_size=1_000_000, columns=wanted):
@@ -325,7 +357,7 @@ def read_canonical(path: str | Path, spec: TabularSpec, fmt: str = "auto") -> It
 def read_amount_table(path: str | Path) -> dict[str, float]:
     """A per-category purchase value table: CSV with columns category_id,amount."""
     path = check_readable(path)
-    frame = pd.read_csv(path, dtype={"category_id": str})
+    frame = pd.read_csv(path, dtype=str)  # as text, so an error shows the cell as written
     for column in ("category_id", "amount"):
         if column not in frame.columns:
             raise InputError(path, f"missing column '{column}'", row=1, column=column,

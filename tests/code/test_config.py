@@ -1,0 +1,55 @@
+"""params.yaml is typed: good files parse, mistakes are named by their dotted field."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from uservalue.config import load_params, parse_params
+from uservalue.errors import ConfigError
+
+from tests.conftest import REPO_ROOT, merge
+
+
+def test_repository_params_parse_with_cdnow_split() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.data.source == "cdnow"
+    assert params.split.eval_cutoff_utc == dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
+    assert params.split.horizon_days == 273
+    assert all(c < params.split.eval_cutoff_utc for c in params.split.train_cutoffs_utc)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"data.source": "csv"}, "data.source"),
+        ({"data.source": "taobao", "data.path": None}, "data"),
+        ({"data.synthetic.users": 0}, "data.synthetic.users"),
+        ({"data.synthetic.influence": {"view": 2.0, "fav": 0.1, "cart": 0.1}}, "data.synthetic"),
+        ({"validate.mode": "lenient"}, "validate.mode"),
+        ({"validate.max_duplicate_share": 1.5}, "validate.max_duplicate_share"),
+        ({"split.train_cutoffs": ["1997-12-01"]}, "split"),
+        ({"split.horizon_days": 0}, "split.horizon_days"),
+        ({"featurize.sequence_lenght": 10}, "featurize.sequence_lenght"),
+        ({"data.file.columns": {"user_id": "u", "ts": "t"}}, "data.file.columns"),
+    ],
+)
+def test_bad_params_name_the_field(repo_params: dict, overrides: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_params(merge(repo_params, overrides), "params.yaml")
+    assert f"params.yaml: {field}" in str(raised.value)
+
+
+def test_missing_or_unreadable_params_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_later_stage_sections_are_tolerated(repo_params: dict) -> None:
+    params = parse_params(merge(repo_params, {"train.epochs": 3}))
+    assert params.split.horizon_days == 273

@@ -1,0 +1,82 @@
+"""Shared fixtures: real data (CDNOW from lifetimes, the Taobao sample in ../shared/data) and
+small generated logs. Nothing here mocks a component."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from uservalue.config import DataParams, SyntheticSource
+from uservalue.sources import ingest
+from uservalue.sources.synthetic import generate
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TAOBAO_SAMPLE = SHARED_DATA / "taobao_userbehavior_sample.csv"
+UTC = dt.UTC
+
+
+def utc(*args: int) -> dt.datetime:
+    return dt.datetime(*args, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def repo_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted-key overrides ({"data.source": "taobao"}) to a copy of a params dict."""
+    merged = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        target = merged
+        *parents, last = dotted.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[last] = value
+    return merged
+
+
+@pytest.fixture
+def write_params(tmp_path: Path, repo_params: dict[str, Any]):
+    def _write(overrides: dict[str, Any] | None = None, name: str = "params.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(merge(repo_params, overrides or {})))
+        return path
+
+    return _write
+
+
+@pytest.fixture(scope="session")
+def taobao_sample() -> Path:
+    assert TAOBAO_SAMPLE.is_file(), f"the real Taobao sample is expected at {TAOBAO_SAMPLE}"
+    return TAOBAO_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def cdnow_events(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cdnow") / "events.parquet"
+    ingest(DataParams(source="cdnow"), out, out.parent / "truth")
+    return out
+
+
+@pytest.fixture(scope="session")
+def taobao_events(tmp_path_factory: pytest.TempPathFactory, taobao_sample: Path) -> Path:
+    out = tmp_path_factory.mktemp("taobao") / "events.parquet"
+    ingest(DataParams(source="taobao", path=str(taobao_sample)), out, out.parent / "truth")
+    return out
+
+
+SMALL_SYNTHETIC = SyntheticSource(users=3000, events_per_user=60, seed=7)
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(SMALL_SYNTHETIC, root / "events.parquet", root / "truth")
+    return root / "events.parquet", root / "truth"

@@ -1,0 +1,90 @@
+"""The generator: deterministic, and its planted truth is recoverable from the data it writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pandas as pd
+import pyarrow.parquet as pq
+from scipy import stats
+
+from uservalue.config import SyntheticSource
+from uservalue.features import FeatureSpec, build_features
+from uservalue.sources.synthetic import expected_value, generate
+
+from tests.conftest import SMALL_SYNTHETIC
+
+CUTOFF = dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
+
+
+def test_same_seed_same_data_whatever_the_chunk_size(tmp_path: Path, small_synthetic) -> None:
+    events, truth = small_synthetic
+    rechunked = SMALL_SYNTHETIC.model_copy(update={"chunk_events": 10_000})
+    generate(rechunked, tmp_path / "e.parquet", tmp_path / "t")
+    assert pq.read_table(events).equals(pq.read_table(tmp_path / "e.parquet"))
+    assert pd.read_parquet(truth / "users.parquet").equals(pd.read_parquet(tmp_path / "t" / "users.parquet"))
+    assert pq.ParquetFile(tmp_path / "e.parquet").metadata.num_row_groups > 1  # it really was chunked
+
+    other = SMALL_SYNTHETIC.model_copy(update={"seed": SMALL_SYNTHETIC.seed + 1, "users": 200})
+    generate(other, tmp_path / "o.parquet", tmp_path / "ot")
+    first = pq.read_table(events).slice(0, 100).column("ts")
+    assert not first.equals(pq.read_table(tmp_path / "o.parquet").slice(0, 100).column("ts"))
+
+
+def test_log_looks_like_taobao(small_synthetic) -> None:
+    events, truth = small_synthetic
+    frame = pd.read_parquet(events)
+    # A user whose planted lifetime is very short may have no event at all; the truth lists everyone.
+    assert 0.9 * SMALL_SYNTHETIC.users < frame["user_id"].nunique() <= SMALL_SYNTHETIC.users
+    assert len(pd.read_parquet(truth / "users.parquet")) == SMALL_SYNTHETIC.users
+    keys = list(zip(frame["user_id"], frame["ts"], strict=True))
+    assert keys == sorted(keys)
+    shares = frame["behavior"].value_counts(normalize=True)
+    assert shares["view"] > 0.8 and 0.005 < shares["buy"] < 0.05
+    assert (frame.loc[frame["behavior"] != "buy", "amount"] == 0).all()
+    assert (frame.loc[frame["behavior"] == "buy", "amount"] > 0).all()
+    assert frame["ts"].min() >= pd.Timestamp("1997-01-01", tz="UTC")
+    assert frame["ts"].max() < pd.Timestamp("1997-01-01", tz="UTC") + pd.Timedelta(days=SMALL_SYNTHETIC.days)
+    meta = json.loads((truth / "truth.json").read_text())
+    assert meta["planted"] and meta["events"] == len(frame)
+
+
+def test_planted_influence_is_recovered_by_regression(small_synthetic) -> None:
+    """buys_u = sum_b Binomial(count_u,b, influence_b): least squares over users recovers influence."""
+    events, truth = small_synthetic
+    frame = pd.read_parquet(events, columns=["user_id", "behavior"])
+    counts = pd.crosstab(frame["user_id"], frame["behavior"])
+    kinds = list(SMALL_SYNTHETIC.influence)
+    coefficients, *_ = np.linalg.lstsq(counts[kinds].to_numpy(float), counts["buy"].to_numpy(float), rcond=None)
+    for kind, estimate in zip(kinds, coefficients, strict=True):
+        planted = SMALL_SYNTHETIC.influence[kind]
+        # A few purchases fall after the user's end and are dropped, so estimates sit slightly low.
+        assert abs(estimate - planted) < 0.25 * planted, (kind, estimate, planted)
+    assert json.loads((truth / "truth.json").read_text())["influence"] == SMALL_SYNTHETIC.influence
+
+
+def test_true_expected_value_predicts_the_realized_value(small_synthetic) -> None:
+    events, truth = small_synthetic
+    features = build_features(
+        events, CUTOFF, FeatureSpec(), label_end=CUTOFF + dt.timedelta(days=273)
+    ).to_pandas()
+    oracle = expected_value(truth, CUTOFF, 273).merge(features[["user_id", "value", "n_purchases"]])
+    assert stats.spearmanr(oracle["expected_value"], oracle["value"]).statistic > 0.6
+    # Calibrated in total, not only in rank: planted expectations add up to what happened.
+    assert oracle["expected_buys"].sum() == pytest.approx(oracle["n_purchases"].sum(), rel=0.1)
+
+
+def test_drift_shifts_behaviour_mix_and_spend(tmp_path: Path) -> None:
+    base = SyntheticSource(users=1500, events_per_user=40, seed=3)
+    generate(base, tmp_path / "ref.parquet", tmp_path / "rt")
+    generate(base.model_copy(update={"drift": 1.0}), tmp_path / "cur.parquet", tmp_path / "ct")
+    reference, current = pd.read_parquet(tmp_path / "ref.parquet"), pd.read_parquet(tmp_path / "cur.parquet")
+    share = lambda f, b: (f["behavior"] == b).mean()  # noqa: E731
+    assert share(current, "view") > share(reference, "view") + 0.03
+    assert share(current, "cart") < 0.75 * share(reference, "cart")
+    spend = lambda f: f.loc[f["behavior"] == "buy", "amount"].mean()  # noqa: E731
+    assert spend(current) > 1.5 * spend(reference)
