@@ -127,17 +127,36 @@ def feature_sql(
             FROM {source}
             WHERE epoch(ts) < {T}
         ),
-        aggregates AS (
+        -- One sort of each user's history serves the sequences, gaps and active days.
+        numbered AS MATERIALIZED (
+            SELECT
+                user_id, t, behavior, item_id, category_id, amount,
+                t - lag(t) OVER w AS gap,
+                floor(t / {day}) IS DISTINCT FROM floor(lag(t) OVER w / {day}) AS new_day,
+                row_number() OVER w AS k,
+                count(*) OVER (PARTITION BY user_id) AS n
+            FROM ev
+            WINDOW w AS (PARTITION BY user_id ORDER BY t, behavior, item_id, category_id, amount)
+        ),
+        -- Distinct counts as DISTINCT subqueries: much cheaper than count(DISTINCT) per group.
+        diversity AS (
+            SELECT user_id, count(category_id)::INTEGER AS n_categories, count(item_id)::INTEGER AS n_items
+            FROM (
+                SELECT user_id, category_id, NULL AS item_id FROM (SELECT DISTINCT user_id, category_id FROM ev)
+                UNION ALL
+                SELECT user_id, NULL, item_id FROM (SELECT DISTINCT user_id, item_id FROM ev)
+            )
+            GROUP BY user_id
+        ),
+        totals AS (
             SELECT
                 user_id,
                 count(*)::INTEGER AS n_events,
                 ({T} - max(t)) / {day} AS recency_days,
                 ({T} - min(t)) / {day} AS tenure_days,
-                count(DISTINCT floor(t / {day}))::INTEGER AS active_days,
+                count(*) FILTER (WHERE new_day)::INTEGER AS active_days,
                 CASE WHEN count(*) > 1 THEN (max(t) - min(t)) / {day} / (count(*) - 1)
                      ELSE ({T} - min(t)) / {day} END AS mean_gap_days,
-                count(DISTINCT category_id)::INTEGER AS n_categories,
-                count(DISTINCT item_id)::INTEGER AS n_items,
                 {", ".join(per_behavior)},
                 coalesce(sum(amount) FILTER (WHERE behavior = {buy}), 0) AS monetary_sum,
                 coalesce(avg(amount) FILTER (WHERE behavior = {buy}), 0) AS monetary_mean,
@@ -149,33 +168,35 @@ def feature_sql(
                 coalesce((max(t) FILTER (WHERE behavior = {buy}) - min(t) FILTER (WHERE behavior = {buy}))
                     / {day}, 0) AS btyd_recency_days,
                 coalesce(({T} - min(t) FILTER (WHERE behavior = {buy})) / {day}, 0) AS btyd_age_days
-            FROM ev
+            FROM numbered
             GROUP BY user_id
         ),
-        numbered AS (
+        aggregates AS (
+            SELECT * FROM totals JOIN diversity USING (user_id)
+        ),
+        -- One ordered aggregate of structs, unpacked below: a single sort instead of one per list.
+        sequence_events AS (
             SELECT
-                user_id, t, behavior, item_id, category_id, amount,
-                t - lag(t) OVER w AS gap,
-                row_number() OVER w AS k,
-                count(*) OVER (PARTITION BY user_id) AS n
-            FROM ev
-            WINDOW w AS (PARTITION BY user_id ORDER BY t, behavior, item_id, category_id, amount)
+                user_id,
+                list({{
+                    'behavior': ({behavior_id})::UTINYINT,
+                    'category': (CASE WHEN category_id IS NULL THEN 0
+                                 ELSE hash(category_id) % {spec.category_buckets} + 1 END)::INTEGER,
+                    'item': (CASE WHEN item_id IS NULL THEN 0
+                             ELSE hash(item_id) % {spec.item_buckets} + 1 END)::INTEGER,
+                    'log_age_days': ln(1 + ({T} - t) / {day})::FLOAT,
+                    'log_gap_days': ln(1 + coalesce(gap, 0) / {day})::FLOAT,
+                    'log_amount': ln(1 + amount)::FLOAT
+                }} ORDER BY k) AS last_events
+            FROM numbered
+            WHERE k > n - {L}
+            GROUP BY user_id
         ),
         sequences AS (
             SELECT
                 user_id,
-                list(({behavior_id})::UTINYINT ORDER BY k) AS seq_behavior,
-                list((CASE WHEN category_id IS NULL THEN 0
-                      ELSE hash(category_id) % {spec.category_buckets} + 1 END)::INTEGER ORDER BY k)
-                    AS seq_category,
-                list((CASE WHEN item_id IS NULL THEN 0
-                      ELSE hash(item_id) % {spec.item_buckets} + 1 END)::INTEGER ORDER BY k) AS seq_item,
-                list(ln(1 + ({T} - t) / {day})::FLOAT ORDER BY k) AS seq_log_age_days,
-                list(ln(1 + coalesce(gap, 0) / {day})::FLOAT ORDER BY k) AS seq_log_gap_days,
-                list(ln(1 + amount)::FLOAT ORDER BY k) AS seq_log_amount
-            FROM numbered
-            WHERE k > n - {L}
-            GROUP BY user_id
+                {", ".join(f"list_transform(last_events, lambda e: e.{c.removeprefix('seq_')}) AS {c}" for c in SEQUENCE_COLUMNS)}
+            FROM sequence_events
         ){labels_cte}
         SELECT
             aggregates.user_id,
