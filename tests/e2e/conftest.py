@@ -1,0 +1,65 @@
+"""A throw-away copy of the project in a fresh git + DVC repository, and a way to run tools in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pipelines", "src", "dags", "data/raw/README.md", ".dvcignore",
+                 ".gitignore"]
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
+    env.update(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid",
+               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.invalid", **extra)
+    return env
+
+
+def run_in(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
+           timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(args, cwd=repo, env=env or tool_env(), capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def make_project(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
+    def _make() -> Path:
+        root = tmp_path_factory.mktemp("project")
+        for name in PROJECT_FILES:
+            source, target = REPO_ROOT / name, root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            else:
+                shutil.copy2(source, target)
+        run_in(root, "git", "init", "-q")
+        run_in(root, "dvc", "init", "-q")
+        run_in(root, "git", "add", "-A")
+        run_in(root, "git", "commit", "-qm", "project")
+        return root
+
+    return _make
+
+
+def set_param(repo: Path, section: str, key: str, value: object) -> str:
+    """Edit params.yaml as a user would; returns the original text to restore."""
+    import yaml
+
+    path = repo / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return original
