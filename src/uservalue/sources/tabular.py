@@ -334,7 +334,9 @@ def check_readable(path: str | Path) -> Path:
         raise InputError(path, "file does not exist", expected="an existing file (data.path)")
     if not path.is_file():
         raise InputError(path, "is not a file", expected="a CSV or Parquet file")
-    if path.stat().st_size == 0 or not path.read_bytes()[:65536].strip():
+    with path.open("rb") as handle:
+        head = handle.read(65536)  # enough to tell "empty or only blanks"; never the whole log
+    if not head.strip():
         raise InputError(path, "file is empty", expected="event rows")
     return path
 
