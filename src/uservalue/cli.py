@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from uservalue.errors import InputError, UservalueError, ValidationFailed
+from uservalue.errors import ConfigError, InputError, UservalueError, ValidationFailed
 
 app = typer.Typer(
     name="uservalue",
@@ -199,36 +200,28 @@ def generate(
     ] = None,
 ) -> None:
     """Generate a Taobao-like log with planted truth (defaults from params `data.synthetic`)."""
+    from uservalue.config import SyntheticSource, describe_validation_error
+    from uservalue.schema import DEFAULT_BEHAVIORS
     from uservalue.sources.synthetic import generate as run_generate
 
-    overrides = {
-        "data.synthetic.users": users,
-        "data.synthetic.events_per_user": events_per_user,
-        "data.synthetic.days": days,
-        "data.synthetic.start": start.date().isoformat() if start else None,
-        "data.synthetic.seed": seed,
-        "data.synthetic.drift": drift,
-    }
-    cfg = _load(params, overrides) if params.is_file() else _defaults_with(overrides)
-    synthetic = cfg.data.synthetic
+    # params.yaml supplies the defaults when present; the generator also works without one.
+    base = _load(params).data if params.is_file() else None
+    options = {"users": users, "events_per_user": events_per_user, "days": days, "seed": seed, "drift": drift,
+               "start": start.date() if start else None}
+    try:
+        synthetic = SyntheticSource.model_validate(
+            {**(base.synthetic.model_dump() if base else {}), **{k: v for k, v in options.items() if v is not None}}
+        )
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, "generate options")) from None
+    behaviors = base.behaviors if base else DEFAULT_BEHAVIORS
     expected = synthetic.users * synthetic.events_per_user * 1.03
     with _progress() as progress:
         result = run_generate(
-            synthetic, out, truth_dir, behaviors=cfg.data.behaviors,
+            synthetic, out, truth_dir, behaviors=behaviors,
             progress=lambda tables: _counting(progress, "generate", tables, total=expected),
         )
     err.print(f"generate: {result.events:,} events for {result.users:,} users -> {out} (truth: {truth_dir})")
-
-
-def _defaults_with(overrides: dict[str, Any]):
-    """Without a params file, `generate` still works from the built-in defaults."""
-    from uservalue.config import parse_params
-
-    raw: dict[str, Any] = {"split": {"eval_cutoff": "1997-10-01", "horizon_days": 273}, "data": {"synthetic": {}}}
-    for dotted, value in overrides.items():
-        if value is not None:
-            raw["data"]["synthetic"][dotted.rsplit(".", 1)[1]] = value
-    return parse_params(raw, "built-in defaults")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -186,7 +186,7 @@ class Params(_Section):
     split: SplitParams
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def describe_validation_error(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]).replace("validate_", "validate")
@@ -198,7 +198,7 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source)) from None
+        raise ConfigError(describe_validation_error(error, source)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

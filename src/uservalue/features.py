@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+
 import duckdb
 import pandas as pd
 import pyarrow as pa
@@ -31,7 +32,6 @@ SEQUENCE_COLUMNS = (
     "seq_log_amount",  # ln(1 + amount)
 )
 LABEL_COLUMNS = ("value", "n_purchases", "bought")
-KEY_COLUMNS = ("user_id", "cutoff")
 
 
 @dataclass(frozen=True)

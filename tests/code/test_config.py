@@ -6,10 +6,9 @@ import datetime as dt
 
 import pytest
 
+from tests.conftest import REPO_ROOT, merge
 from uservalue.config import load_params, parse_params
 from uservalue.errors import ConfigError
-
-from tests.conftest import REPO_ROOT, merge
 
 
 def test_repository_params_parse_with_cdnow_split() -> None:

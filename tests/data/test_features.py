@@ -13,11 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import utc
 from uservalue.config import FeaturizeParams, SplitParams
 from uservalue.features import FeatureSpec, build_features, label_windows, write_feature_sets
 from uservalue.schema import EVENTS_SCHEMA
-
-from tests.conftest import utc
 
 T = utc(2024, 1, 31)
 SPEC = FeatureSpec(windows_days=(7, 30), sequence_length=3)

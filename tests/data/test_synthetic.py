@@ -7,16 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 from scipy import stats
 
+from tests.conftest import SMALL_SYNTHETIC
 from uservalue.config import SyntheticSource
 from uservalue.features import FeatureSpec, build_features
 from uservalue.sources.synthetic import expected_value, generate
-
-from tests.conftest import SMALL_SYNTHETIC
 
 CUTOFF = dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
 

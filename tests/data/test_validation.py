@@ -74,7 +74,9 @@ def test_taobao_quarantine_counts_every_out_of_range_row(taobao_events: Path, tm
     assert len(expected) >= 1  # the sample's real dirt (a 2017-09-11 event)
     quarantined = pd.read_parquet(paths["quarantine_out"])
     assert len(quarantined) == len(expected)
-    assert set(zip(quarantined["user_id"], quarantined["ts"])) == set(zip(expected["user_id"], expected["ts"]))
+    assert set(zip(quarantined["user_id"], quarantined["ts"], strict=True)) == set(
+        zip(expected["user_id"], expected["ts"], strict=True)
+    )
     assert quarantined["reason"].str.contains("expect_column_values_to_be_between\\(ts\\)").all()
     validated = pd.read_parquet(paths["out"])
     assert len(validated) + len(quarantined) == pq_rows(taobao_events)
