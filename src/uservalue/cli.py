@@ -198,6 +198,10 @@ def generate(
     drift: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="Shift of behaviour mix and spend, 0..1.")
     ] = None,
+    taobao_csv: Annotated[
+        Path | None,
+        typer.Option(help="Also write the log in the Taobao UserBehavior CSV format (to test that source)."),
+    ] = None,
 ) -> None:
     """Generate a Taobao-like log with planted truth (defaults from params `data.synthetic`)."""
     from uservalue.config import SyntheticSource, describe_validation_error
@@ -222,6 +226,11 @@ def generate(
             progress=lambda tables: _counting(progress, "generate", tables, total=expected),
         )
     err.print(f"generate: {result.events:,} events for {result.users:,} users -> {out} (truth: {truth_dir})")
+    if taobao_csv is not None:
+        from uservalue.sources.taobao import export_taobao_csv
+
+        rows = export_taobao_csv(out, taobao_csv)
+        err.print(f"generate: {rows:,} rows in the Taobao format -> {taobao_csv}")
 
 
 if __name__ == "__main__":  # pragma: no cover

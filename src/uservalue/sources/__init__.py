@@ -11,11 +11,10 @@ import pyarrow as pa
 from uservalue.config import DataParams
 from uservalue.io import atomic_dir, write_json
 from uservalue.sources.cdnow import read_cdnow
-from uservalue.sources.tabular import TabularSpec, read_amount_table, read_canonical
+from uservalue.sources.taobao import taobao_spec
+from uservalue.sources.tabular import TabularSpec, read_canonical
 from uservalue.sources.writer import write_events_in_order, write_sorted_events
 
-TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "unix_ts")
-TAOBAO_BEHAVIORS = {"pv": "view", "fav": "fav", "cart": "cart", "buy": "buy"}
 
 
 @dataclass(frozen=True)
@@ -23,26 +22,6 @@ class IngestResult:
     source: str
     events: int
     out: Path
-
-
-def taobao_spec(params: DataParams) -> TabularSpec:
-    table = params.taobao.category_amount_table
-    return TabularSpec(
-        columns={
-            "user_id": "user_id",
-            "item_id": "item_id",
-            "category_id": "category_id",
-            "behavior": "behavior_type",
-            "ts": "unix_ts",
-        },
-        behaviors=TAOBAO_BEHAVIORS,
-        ts_format="unix_s",
-        params_hint="data.taobao",
-        header=False,
-        headerless_names=TAOBAO_COLUMNS,
-        purchase_amount=params.taobao.purchase_amount,
-        category_amounts=read_amount_table(table) if table else {},
-    )
 
 
 def file_spec(params: DataParams) -> TabularSpec:
