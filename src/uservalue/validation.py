@@ -295,7 +295,8 @@ def validate_file(
 
     from uservalue.schema import EVENTS_SCHEMA
 
-    frame = pd.read_parquet(events)
+    # Arrow-backed strings: about half the memory of Python string objects, validated alike.
+    frame = pq.read_table(events).to_pandas(types_mapper={pa.string(): pd.StringDtype("pyarrow")}.get)
     with atomic_dir(report_dir) as tmp_report:
         outcome = run_validation(frame, cfg, behaviors, now=now, docs_dir=tmp_report / "data_docs")
         write_json(tmp_report / "summary.json", outcome.summary())
