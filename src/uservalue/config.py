@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +119,17 @@ class DataParams(_Section):
     taobao: TaobaoSource = TaobaoSource()
     file: FileSource = FileSource()
     synthetic: SyntheticSource = SyntheticSource()
+
+    @field_validator("behaviors")
+    @classmethod
+    def _behaviors_are_names(cls, behaviors: tuple[str, ...]) -> tuple[str, ...]:
+        # They become feature column names (view_count_7d, ...), so keep them identifiers.
+        bad = [b for b in behaviors if not re.fullmatch(r"[a-z][a-z0-9_]*", b)]
+        if bad:
+            raise ValueError(f"{bad}: behaviour names must be lower-case identifiers like 'add_to_cart'")
+        if len(set(behaviors)) != len(behaviors):
+            raise ValueError("behaviour names must be unique")
+        return behaviors
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> DataParams:

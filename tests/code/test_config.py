@@ -32,6 +32,7 @@ def test_repository_params_parse_with_cdnow_split() -> None:
         ({"split.horizon_days": 0}, "split.horizon_days"),
         ({"featurize.sequence_lenght": 10}, "featurize.sequence_lenght"),
         ({"data.file.columns": {"user_id": "u", "ts": "t"}}, "data.file.columns"),
+        ({"data.behaviors": ["view", "add-to-cart", "buy"]}, "data.behaviors"),
     ],
 )
 def test_bad_params_name_the_field(repo_params: dict, overrides: dict, field: str) -> None:
