@@ -303,8 +303,8 @@ def validate_file(
         (tmp_report / "result.json").write_text(json.dumps(outcome.result, indent=1, default=str))
     if not outcome.success:
         raise ValidationFailed(_failure_message(events, outcome, Path(report_dir)))
-    clean = pa.Table.from_pandas(outcome.clean, preserve_index=False)
-    clean = clean.cast(EVENTS_SCHEMA) if set(clean.schema.names) == set(EVENTS_SCHEMA.names) else clean
+    # The gate passed, so every canonical column exists: write exactly the canonical schema.
+    clean = pa.Table.from_pandas(outcome.clean, preserve_index=False).select(EVENTS_SCHEMA.names).cast(EVENTS_SCHEMA)
     with atomic_path(out) as tmp:
         pq.write_table(clean, tmp, compression="zstd")
     with atomic_path(quarantine_out) as tmp:

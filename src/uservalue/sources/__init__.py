@@ -11,10 +11,9 @@ import pyarrow as pa
 from uservalue.config import DataParams
 from uservalue.io import atomic_dir, write_json
 from uservalue.sources.cdnow import read_cdnow
-from uservalue.sources.taobao import taobao_spec
 from uservalue.sources.tabular import TabularSpec, read_canonical
-from uservalue.sources.writer import write_events_in_order, write_sorted_events
-
+from uservalue.sources.taobao import taobao_spec
+from uservalue.sources.writer import write_sorted_events
 
 
 @dataclass(frozen=True)
@@ -69,4 +68,4 @@ def ingest(params: DataParams, out: str | Path, truth_dir: str | Path) -> Ingest
     return IngestResult(params.source, events, out)
 
 
-__all__ = ["IngestResult", "ingest", "taobao_spec", "file_spec", "write_events_in_order"]
+__all__ = ["IngestResult", "file_spec", "ingest"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from uservalue.errors import InputError
-from uservalue.sources.tabular import TabularSpec, _Batch, check_readable
+from uservalue.sources.tabular import RawBatch, TabularSpec, check_readable
 
 DISTRIBUTION = "lifetimes"
 RELATIVE_PATH = "lifetimes/datasets/CDNOW_master.txt"
@@ -77,11 +77,11 @@ def read_cdnow(path: Path | None = None) -> Iterator[pa.Table]:
     columns["behavior"] = ["buy"] * len(values)
     table = pa.table({name: pa.array(v, pa.string()) for name, v in columns.items()})
     try:
-        yield _Batch(table, path, first_row=0, spec=SPEC).canonical()
+        yield RawBatch(table, path, first_row=0, spec=SPEC).canonical()
     except InputError as error:
         if error.row is None:
             raise
-        # _Batch counted rows from 0; report the physical line (blank lines are skipped above).
+        # RawBatch counted rows from 0; report the physical line (blank lines are skipped above).
         raise InputError(
             error.path, error.problem, row=line_of_row[error.row], column=error.column,
             expected=error.expected, found=error.found,

@@ -17,6 +17,7 @@ parameters only, never on the chunk size.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -244,8 +245,6 @@ def expected_value(truth_dir: str | Path, cutoff: dt.datetime, horizon_days: flo
     Uses the user's true lifetime, so it is the value an oracle would predict; purchase delays
     that straddle the window's edges are ignored (they are days against a months-long horizon).
     """
-    import json
-
     truth_dir = Path(truth_dir)
     meta = json.loads((truth_dir / "truth.json").read_text())
     users = pd.read_parquet(truth_dir / "users.parquet")

@@ -52,7 +52,7 @@ def _first_true(mask: pa.ChunkedArray | pa.Array) -> int | None:
     return int(pc.index(mask, True).as_py())
 
 
-class _Batch:
+class RawBatch:
     """One batch of raw columns plus what is needed to name a row in an error."""
 
     def __init__(self, table: pa.Table, path: Path, first_row: int, spec: TabularSpec) -> None:
@@ -267,7 +267,7 @@ def _check_mapped_columns(path: Path, spec: TabularSpec, available: list[str], r
             )
 
 
-def _csv_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
+def _csv_batches(path: Path, spec: TabularSpec) -> Iterator[RawBatch]:
     if spec.header:
         names = _read_header(path, spec)
         _check_mapped_columns(path, spec, names, row=1)
@@ -293,7 +293,7 @@ def _csv_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
         except pa.ArrowInvalid as error:
             raise unreadable(error) from None
         table = pa.Table.from_batches([record_batch])
-        yield _Batch(table, path, next_row, spec)
+        yield RawBatch(table, path, next_row, spec)
         next_row += table.num_rows
 
 
@@ -313,7 +313,7 @@ def _open_csv(path: Path, spec: TabularSpec, names: list[str], wanted: list[str]
     )
 
 
-def _parquet_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
+def _parquet_batches(path: Path, spec: TabularSpec) -> Iterator[RawBatch]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as error:
@@ -324,7 +324,7 @@ def _parquet_batches(path: Path, spec: TabularSpec) -> Iterator[_Batch]:
     next_row = 1
     for record_batch in parquet.iter_batches(batch_size=1_000_000, columns=wanted):
         table = pa.Table.from_batches([record_batch])
-        yield _Batch(table, path, next_row, spec)
+        yield RawBatch(table, path, next_row, spec)
         next_row += table.num_rows
 
 
@@ -373,4 +373,4 @@ def read_amount_table(path: str | Path) -> dict[str, float]:
     return dict(zip(frame["category_id"].astype(str), amounts.astype(float), strict=True))
 
 
-__all__ = ["TabularSpec", "check_readable", "read_amount_table", "read_canonical"]
+__all__ = ["RawBatch", "TabularSpec", "check_readable", "read_amount_table", "read_canonical"]
