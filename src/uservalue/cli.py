@@ -235,3 +235,83 @@ def generate(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+@app.command()
+@_reports_errors
+def train(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to train (one of params train.models' names).")],
+    params: ParamsOption = Path("params.yaml"),
+    features_dir: Annotated[Path, typer.Option(help="Output of the featurize stage.")] = Path("data/features"),
+    out_dir: Annotated[Path, typer.Option(help="Directory for the model, run.json and influence.json.")] = Path(
+        "models/<model>"
+    ),
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (overrides train.device).")] = None,
+) -> None:
+    """Fit one model on the training cutoffs and track the run in MLflow (params `train`, `tracking`)."""
+    from uservalue.config import MODEL_NAMES
+    from uservalue.training import train_model
+
+    if model not in MODEL_NAMES:
+        raise ConfigError(f"--model: unknown model '{model}'; known: {list(MODEL_NAMES)}")
+    cfg = _load(params, {"train.device": device})
+    target = Path(str(out_dir).replace("<model>", model))
+    with _progress() as progress:
+        task = progress.add_task(f"train {model}", total=None)
+
+        def epoch_done(metrics: dict[str, float], step: int) -> None:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            progress.update(task, description=f"train {model} epoch {step}: {shown}")
+
+        result = train_model(model, cfg, features_dir, target, Path.cwd(), log_metrics_hook=epoch_done)
+    influence = ", ".join(f"{k}={v:.3f}" for k, v in (result.influence or {}).items())
+    err.print(f"train {model}: {result.seconds:.1f} s, run {result.run_id}" + (f", influence {influence}" if influence else ""),
+              markup=False)
+
+
+@app.command()
+@_reports_errors
+def evaluate(
+    params: ParamsOption = Path("params.yaml"),
+    features_dir: Annotated[Path, typer.Option(help="Output of the featurize stage.")] = Path("data/features"),
+    models_dir: Annotated[Path, typer.Option(help="Directory holding one trained model per subdirectory.")] = Path(
+        "models"
+    ),
+    metrics_out: Annotated[Path, typer.Option(help="Metrics JSON of every model.")] = Path("reports/metrics.json"),
+    plots_dir: Annotated[Path, typer.Option(help="Plot data (gains, decile calibration).")] = Path("reports/plots"),
+    table_out: Annotated[Path, typer.Option(help="Markdown comparison table.")] = Path("reports/model_comparison.md"),
+    predictions_out: Annotated[Path, typer.Option(help="Per-user predictions of every model.")] = Path(
+        "data/predictions/eval.parquet"
+    ),
+) -> None:
+    """Score every trained model on the evaluation cutoff; pick the champion (params `evaluate`)."""
+    from uservalue.evaluation import run_evaluate
+
+    cfg = _load(params)
+    report = run_evaluate(cfg, features_dir, models_dir, metrics_out, plots_dir, table_out, predictions_out, Path.cwd())
+    primary = report["primary_metric"]
+    for name, row in report["models"].items():
+        err.print(f"evaluate {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()), markup=False)
+    err.print(f"evaluate: champion by {primary}: {report['champion']}", markup=False)
+
+
+@app.command()
+@_reports_errors
+def register(
+    params: ParamsOption = Path("params.yaml"),
+    metrics: Annotated[Path, typer.Option(help="Output of the evaluate stage.")] = Path("reports/metrics.json"),
+    models_dir: Annotated[Path, typer.Option(help="Directory holding the trained models.")] = Path("models"),
+    features_dir: Annotated[Path, typer.Option(help="Output of the featurize stage.")] = Path("data/features"),
+    out: Annotated[Path, typer.Option(help="Decision record JSON.")] = Path("reports/registry.json"),
+) -> None:
+    """Register the evaluation champion; promote it to alias `champion` only through the gate (params `register`)."""
+    from uservalue.registry import run_register
+
+    cfg = _load(params)
+    record = run_register(cfg, metrics, models_dir, features_dir, out, Path.cwd())
+    candidate = record["candidate"]
+    err.print(
+        f"register: {record['model_name']} version {candidate['version']} ({candidate['model']}) -> "
+        f"{record['decision']['alias']}; " + "; ".join(record["decision"]["reasons"]),
+        markup=False,
+    )

@@ -188,20 +188,90 @@ class SplitParams(_Section):
         return tuple(sorted(_utc(c) for c in self.train_cutoffs))
 
 
+MODEL_NAMES = ("historical", "btyd", "gbdt", "linear", "mlp", "sequence")
+# Direction of every evaluation metric: True when higher is better. total_error is compared by its
+# absolute value (0 is perfect).
+METRIC_HIGHER_IS_BETTER = {
+    "gini": True,
+    "spearman": True,
+    "mae": False,
+    "rmse": False,
+    "top_decile_capture": True,
+    "decile_mape": False,
+    "total_error": False,
+    "auc": True,
+}
+MetricName = Literal["gini", "spearman", "mae", "rmse", "top_decile_capture", "decile_mape", "total_error", "auc"]
+
+
+class TrainParams(_Section):
+    """Which models to train, and each model's own section (typed by the model itself)."""
+
+    models: tuple[str, ...] = MODEL_NAMES
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    valid_fraction: float = Field(0.2, ge=0, lt=1, description="users held out for early stopping")
+    historical: dict[str, Any] = Field(default_factory=dict)
+    btyd: dict[str, Any] = Field(default_factory=dict)
+    gbdt: dict[str, Any] = Field(default_factory=dict)
+    linear: dict[str, Any] = Field(default_factory=dict)
+    mlp: dict[str, Any] = Field(default_factory=dict)
+    sequence: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, models: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in models if m not in MODEL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown models {unknown}; known: {list(MODEL_NAMES)}")
+        if not models:
+            raise ValueError("name at least one model")
+        if len(set(models)) != len(models):
+            raise ValueError("each model once")
+        return models
+
+    def model_params(self, name: str) -> dict[str, Any]:
+        return dict(getattr(self, name))
+
+
+class EvaluateParams(_Section):
+    primary_metric: MetricName = "gini"
+
+
+class RegisterParams(_Section):
+    model_name: str = Field("user-value", min_length=1)
+    primary_metric: MetricName = "gini"
+    min_delta: float = Field(0.0, ge=0, description="how much the candidate must beat the champion by")
+    guards: dict[MetricName, float] = Field(
+        default_factory=lambda: {"auc": 0.01, "spearman": 0.02},
+        description="metric -> how much worse than the champion the candidate may be",
+    )
+
+
+class TrackingParams(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db")
+    experiment: str = Field("uservalue", min_length=1)
+    artifact_location: str | None = Field(None, description="for a new experiment; default ./mlartifacts")
+
+
 class Params(_Section):
-    # Sections of later stages (train, register, ...) are theirs to type; tolerate them here.
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # Sections of later stages (package, monitor, ...) are theirs to type; tolerate them here.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     featurize: FeaturizeParams = FeaturizeParams()
     split: SplitParams
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
+    tracking: TrackingParams = TrackingParams()
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]).replace("validate_", "validate")
+        field = ".".join(str(part) for part in item["loc"]).replace("validate_", "validate").replace("register_", "register")
         lines.append(f"{source}: {field or '(top level)'}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
 

@@ -1,0 +1,183 @@
+"""The evaluate stage: every trained model scored on the same evaluation cutoff.
+
+Writes the metrics (a DVC metric), the gains and decile-calibration plot data (DVC plots, one
+series per model), a Markdown comparison table, and the per-user predictions of every model (the
+monitor's reference). The same figures and plots are logged to one MLflow evaluation run and the
+metrics to each model's training run, so the MLflow UI compares models too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from uservalue import metrics, tracking
+from uservalue.config import METRIC_HIGHER_IS_BETTER, Params
+from uservalue.errors import InputError
+from uservalue.io import atomic_path, write_json
+from uservalue.models import load_model
+from uservalue.training import read_features, read_meta
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, dict[str, float]]
+    predictions: pd.DataFrame  # long: model, user_id, p_buy, expected_value, value, bought
+    gains: pd.DataFrame  # long: model, fraction_users, fraction_value
+    deciles: pd.DataFrame  # long: model, decile, n, mean_actual, mean_predicted
+
+
+def score(metric: str, value: float) -> float:
+    """Higher is better for every metric after this (total_error: closeness to 0)."""
+    if value is None or math.isnan(value):
+        return -math.inf
+    if metric == "total_error":
+        return -abs(value)
+    return value if METRIC_HIGHER_IS_BETTER[metric] else -value
+
+
+def choose_champion(all_metrics: dict[str, dict[str, float]], primary: str) -> str:
+    # Ties go to the model listed first (train.models order), so the choice is deterministic.
+    return max(all_metrics, key=lambda name: score(primary, all_metrics[name][primary]))
+
+
+def evaluate_models(names: list[str] | tuple[str, ...], models_dir: Path, features: pd.DataFrame) -> Evaluation:
+    for column in ("user_id", "value", "bought"):
+        if column not in features.columns:
+            raise InputError("eval features", "missing label column", column=column)
+    all_metrics: dict[str, dict[str, float]] = {}
+    predictions, gains, deciles = [], [], []
+    actual = features["value"].to_numpy(dtype="float64")
+    bought = features["bought"].to_numpy(dtype=bool)
+    for name in names:
+        model_dir = models_dir / name / "model"
+        model = load_model(model_dir)
+        predicted = model.predict(features)
+        if not predicted["user_id"].equals(features["user_id"].astype(str).reset_index(drop=True)):
+            raise InputError(model_dir, "predictions are not in the order of the features", column="user_id")
+        value = predicted["expected_value"].to_numpy()
+        all_metrics[name] = metrics.value_metrics(actual, value, bought, predicted["p_buy"].to_numpy())
+        predictions.append(predicted.assign(model=name, value=actual, bought=bought))
+        gains.append(metrics.gains_curve(actual, value).assign(model=name))
+        deciles.append(metrics.decile_table(actual, value).assign(model=name))
+    return Evaluation(all_metrics, pd.concat(predictions, ignore_index=True),
+                      pd.concat(gains, ignore_index=True), pd.concat(deciles, ignore_index=True))
+
+
+def comparison_markdown(evaluation: Evaluation, champion: str, primary: str, cutoff: str, horizon: int) -> str:
+    keys = list(metrics.VALUE_METRIC_KEYS)
+    lines = [
+        "# Model comparison",
+        "",
+        f"Evaluation cutoff {cutoff}, horizon {horizon} days, {evaluation.predictions['user_id'].nunique()} users. "
+        f"Champion by `{primary}`: **{champion}**. Higher is better except mae, rmse, decile_mape and "
+        "|total_error|.",
+        "",
+        "| model | " + " | ".join(keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for name, row in evaluation.metrics.items():
+        mark = " (champion)" if name == champion else ""
+        lines.append(f"| {name}{mark} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_pngs(evaluation: Evaluation, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, curve in evaluation.gains.groupby("model", sort=False):
+        ax.plot(curve["fraction_users"], curve["fraction_value"], label=name)
+    ax.plot([0, 1], [0, 1], "k:", label="random")
+    ax.set(xlabel="share of users (by predicted value)", ylabel="share of actual value", title="Gains")
+    ax.legend()
+    paths.append(out_dir / "gains.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, table in evaluation.deciles.groupby("model", sort=False):
+        ax.plot(table["mean_actual"], table["mean_predicted"], marker="o", label=name)
+    top = float(evaluation.deciles[["mean_actual", "mean_predicted"]].max().max())
+    ax.plot([0, top], [0, top], "k:", label="perfect")
+    ax.set(xlabel="mean actual value (decile)", ylabel="mean predicted value (decile)", title="Decile calibration")
+    ax.legend()
+    paths.append(out_dir / "decile_calibration.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def run_evaluate(
+    params: Params,
+    features_dir: str | Path,
+    models_dir: str | Path,
+    metrics_path: str | Path,
+    plots_dir: str | Path,
+    table_path: str | Path,
+    predictions_path: str | Path,
+    project_dir: str | Path = ".",
+) -> dict[str, Any]:
+    features_dir, models_dir, plots_dir = Path(features_dir), Path(models_dir), Path(plots_dir)
+    meta = read_meta(features_dir)
+    features = read_features(features_dir, "eval")
+    evaluation = evaluate_models(params.train.models, models_dir, features)
+    primary = params.evaluate.primary_metric
+    champion = choose_champion(evaluation.metrics, primary)
+    cutoff = meta["splits"]["eval"][0]["cutoff"]
+    runs = {name: json.loads((models_dir / name / "run.json").read_text()) for name in params.train.models}
+    report = {
+        "models": evaluation.metrics,
+        "champion": champion,
+        "primary_metric": primary,
+        "eval_cutoff": cutoff,
+        "horizon_days": meta["horizon_days"],
+        "users": int(len(features)),
+        "features_md5": tracking.dvc_output_hashes(project_dir, "featurize").get("data/features", ""),
+        "runs": {name: run["run_id"] for name, run in runs.items()},
+    }
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("gains", evaluation.gains), ("deciles", evaluation.deciles)):
+        # Wide tables: one column per model, so DVC draws one series per model.
+        index = "fraction_users" if name == "gains" else "decile"
+        column = "fraction_value" if name == "gains" else "mean_predicted"
+        wide = frame.pivot(index=index, columns="model", values=column)[list(params.train.models)].reset_index()
+        if name == "deciles":
+            actual = frame[frame["model"] == champion].set_index("decile")["mean_actual"]
+            wide.insert(1, "actual", wide["decile"].map(actual))
+        with atomic_path(plots_dir / f"{name}.csv") as tmp:
+            wide.to_csv(tmp, index=False)
+    with atomic_path(table_path) as tmp:
+        tmp.write_text(comparison_markdown(evaluation, champion, primary, cutoff, meta["horizon_days"]))
+    with atomic_path(predictions_path) as tmp:
+        evaluation.predictions.to_parquet(tmp, index=False)
+
+    tracking.configure(params.tracking, project_dir)
+    client = mlflow.MlflowClient()
+    for name, run in runs.items():
+        for key, value in evaluation.metrics[name].items():
+            client.log_metric(run["run_id"], f"eval_{key}", value)
+    with mlflow.start_run(run_name="evaluate"):
+        mlflow.set_tags({"stage": "evaluate", "champion": champion, "git_commit": tracking.git_commit(project_dir),
+                         "dvc.data/features": report["features_md5"]})
+        mlflow.log_metrics({f"{name}.{k}": v for name, row in evaluation.metrics.items() for k, v in row.items()})
+        with tempfile.TemporaryDirectory() as pngs:  # images go to MLflow only; DVC plots the CSVs
+            for path in _plot_pngs(evaluation, Path(pngs)):
+                mlflow.log_artifact(str(path), "plots")
+        mlflow.log_artifact(str(plots_dir / "gains.csv"), "plots")
+        mlflow.log_artifact(str(plots_dir / "deciles.csv"), "plots")
+        mlflow.log_artifact(str(table_path))
+        mlflow.log_dict(report, "metrics.json")
+    write_json(metrics_path, report)
+    return report

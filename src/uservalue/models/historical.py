@@ -1,0 +1,53 @@
+"""The floor every other model must beat: a user's recent value, scaled to the horizon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from uservalue.models.base import FitContext, ModelParams, ValueModel, aggregate_matrix
+from uservalue.models.hazard import p_buy_from_log_hazard
+
+
+class HistoricalParams(ModelParams):
+    window_days: int = Field(365, ge=1, description="one of featurize.windows_days")
+
+
+class HistoricalModel(ValueModel):
+    """expected_value = value in the last `window_days` x horizon / window_days;
+    p_buy = 1 - exp(-purchases per day in the window x horizon). Nothing is fitted."""
+
+    name = "historical"
+    Params = HistoricalParams
+
+    def _columns(self) -> tuple[str, str]:
+        window = self.params.window_days
+        if window not in self.spec.windows_days:
+            from uservalue.errors import ConfigError
+
+            raise ConfigError(
+                f"train.historical.window_days: {window} is not one of featurize.windows_days "
+                f"{list(self.spec.windows_days)}"
+            )
+        return f"monetary_sum_{window}d", f"buy_count_{window}d"
+
+    def fit(self, train: pd.DataFrame, ctx: FitContext) -> dict[str, float]:
+        self._columns()
+        return {"fitted_parameters": 0.0}
+
+    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
+        value_column, count_column = self._columns()
+        value, count = aggregate_matrix(features, [value_column, count_column]).T
+        scale = self.horizon_days / self.params.window_days
+        with np.errstate(divide="ignore"):
+            log_hazard = np.log(np.nan_to_num(count) / self.params.window_days)
+        return self._frame(features, p_buy_from_log_hazard(log_hazard, self.horizon_days), np.nan_to_num(value) * scale)
+
+    def _save_state(self, directory: Path) -> None:
+        """Nothing is learned; the params in model.json are the whole model."""
+
+    def _load_state(self, directory: Path) -> None:
+        """See _save_state."""

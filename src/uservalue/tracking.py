@@ -1,0 +1,152 @@
+"""MLflow wiring: where runs go, what every run records about its code and data, and how a
+ValueModel becomes an MLflow model that evaluation, the registry and serving load alike.
+
+Nothing here runs at import time; `configure` connects when a stage asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+
+from uservalue.config import TrackingParams
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri(params: TrackingParams, project_dir: Path) -> str:
+    """MLFLOW_TRACKING_URI, else params, else SQLite in the project (the file store is deprecated)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if params.uri:
+        return params.uri
+    return f"sqlite:///{(project_dir / DEFAULT_DB).resolve()}"
+
+
+def configure(params: TrackingParams, project_dir: str | Path = ".") -> str:
+    """Point MLflow at the tracking store and make sure the experiment exists; its id."""
+    project_dir = Path(project_dir)
+    mlflow.set_tracking_uri(tracking_uri(params, project_dir))
+    experiment = mlflow.get_experiment_by_name(params.experiment)
+    if experiment is None:
+        location = params.artifact_location or (project_dir / DEFAULT_ARTIFACTS).resolve().as_uri()
+        experiment_id = mlflow.create_experiment(params.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit(project_dir: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True, text=True,
+                             check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dvc_output_hashes(project_dir: str | Path, stage: str) -> dict[str, str]:
+    """The hashes DVC recorded for a stage's outputs (dvc.lock), e.g. the features a model saw."""
+    lock = Path(project_dir) / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {out["path"]: out.get("md5", "") for out in stages.get(stage, {}).get("outs", [])}
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"prefix.a.b": 1}: nested params as MLflow params."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    return {prefix: value}
+
+
+class UserValuePyfunc(mlflow.pyfunc.PythonModel):
+    """Any ValueModel as an MLflow pyfunc: features in, predictions and influence out."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from uservalue.models import load_model
+
+        self.model = load_model(context.artifacts["model"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return predict_with_influence(self.model, model_input)
+
+
+def predict_with_influence(model: Any, features: pd.DataFrame) -> pd.DataFrame:
+    """[user_id, p_buy, expected_value, influence_<behaviour>...]: what every consumer reads."""
+    features = from_model_input(features)
+    predictions = model.predict(features)
+    shares = model.attribute(features)
+    for behavior in model.spec.behaviors:
+        predictions[f"influence_{behavior}"] = shares[behavior].to_numpy(dtype="float64")
+    return predictions
+
+
+def to_model_input(features: pd.DataFrame) -> pd.DataFrame:
+    """Feature rows as MLflow can describe them: numeric aggregates as float64, sequences as lists."""
+    out = pd.DataFrame({"user_id": features["user_id"].astype(str)})
+    for column in features.columns:
+        if column == "user_id" or column in ("cutoff", "value", "n_purchases", "bought", "label_days"):
+            continue
+        if column.startswith("seq_"):
+            out[column] = [list(map(float, v)) for v in features[column]]
+        else:
+            out[column] = features[column].astype("float64")
+    return out
+
+
+def from_model_input(features: pd.DataFrame) -> pd.DataFrame:
+    """Inverse of to_model_input for the sequence columns (lists back to arrays)."""
+    import numpy as np
+
+    out = features.copy()
+    for column in out.columns:
+        if column.startswith("seq_") and len(out) and not isinstance(out[column].iloc[0], np.ndarray):
+            out[column] = [np.asarray(v) for v in out[column]]
+    return out
+
+
+PIP_REQUIREMENTS_PACKAGES = ("mlflow", "pandas", "numpy", "scikit-learn", "lightgbm", "torch", "pymc-marketing")
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is installed; inference would cost ~10 s per model."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in PIP_REQUIREMENTS_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def log_value_model(model_dir: Path, features: pd.DataFrame, model: Any, name: str = "model") -> Any:
+    """Log a saved ValueModel with signature and an input example; the ModelInfo."""
+    from mlflow.models import infer_signature
+
+    example = to_model_input(features.head(5))
+    signature = infer_signature(example, predict_with_influence(model, features.head(5)))
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),  # model from code, no pickle
+        artifacts={"model": str(model_dir)},
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
