@@ -122,7 +122,7 @@ def run_register(
         client.set_model_version_tag(name, version.version, key, str(value))
 
     champion = current_alias(client, name, CHAMPION)
-    if champion is not None and champion.version == version.version:
+    if champion is not None and str(champion.version) == str(version.version):
         decision, champion_metrics = GateDecision(False, ["the candidate is already the champion"]), candidate_metrics
     else:
         champion_metrics = rescore(f"models:/{name}/{champion.version}", features) if champion else None
@@ -132,13 +132,14 @@ def run_register(
     champion_now = current_alias(client, name, CHAMPION)
     record = {
         "model_name": name,
-        "candidate": {"model": candidate_name, "version": version.version, "run_id": run["run_id"],
+        "candidate": {"model": candidate_name, "version": str(version.version), "run_id": run["run_id"],
                       "metrics": candidate_metrics},
-        "previous_champion": ({"version": champion.version, "run_id": champion.run_id, "metrics": champion_metrics}
+        "previous_champion": ({"version": str(champion.version), "run_id": champion.run_id, "metrics": champion_metrics}
                               if champion is not None else None),
         "decision": {**asdict(decision),
-                     "alias": CHAMPION if champion_now and champion_now.version == version.version else CHALLENGER},
-        "champion_version": champion_now.version if champion_now else None,
+                     "alias": CHAMPION if champion_now and str(champion_now.version) == str(version.version)
+                     else CHALLENGER},
+        "champion_version": str(champion_now.version) if champion_now else None,
         "primary_metric": cfg.primary_metric,
         "min_delta": cfg.min_delta,
         "guards": dict(cfg.guards),

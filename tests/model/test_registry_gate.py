@@ -1,0 +1,167 @@
+"""Train -> evaluate -> register against a real MLflow (SQLite backend, local artifacts).
+
+The gate: the first model becomes champion; a worse one becomes challenger; a better one takes
+champion; a run that fails half-way leaves the champion where it was."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.conftest import merge
+from uservalue.config import RegisterParams, parse_params
+from uservalue.evaluation import run_evaluate
+from uservalue.registry import CHALLENGER, CHAMPION, decide, run_register
+from uservalue.training import train_model
+
+MODEL_NAME = "user-value"
+
+
+class Project:
+    """A project directory with its own MLflow store; one train/evaluate/register cycle per call."""
+
+    def __init__(self, root: Path, repo_params: dict, features_dir: Path) -> None:
+        self.root, self.repo_params, self.features_dir = root, repo_params, features_dir
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+
+    def params(self, model: str, model_params: dict | None = None, features_dir: Path | None = None):
+        return parse_params(merge(self.repo_params, {
+            "train.models": [model],
+            f"train.{model}": model_params or {},
+            "tracking.uri": self.uri,
+            "tracking.artifact_location": (self.root / "artifacts").as_uri(),
+        }))
+
+    def cycle(self, model: str, model_params: dict | None = None, features_dir: Path | None = None) -> dict:
+        params = self.params(model, model_params)
+        features_dir = features_dir or self.features_dir
+        models_dir = self.root / "models"
+        train_model(model, params, self.features_dir, models_dir / model, self.root)
+        run_evaluate(params, self.features_dir, models_dir, self.root / "metrics.json", self.root / "plots",
+                     self.root / "comparison.md", self.root / "predictions.parquet", self.root)
+        return run_register(params, self.root / "metrics.json", models_dir, features_dir,
+                            self.root / "registry.json", self.root)
+
+    def client(self) -> mlflow.MlflowClient:
+        mlflow.set_tracking_uri(self.uri)
+        return mlflow.MlflowClient()
+
+    def alias(self, alias: str) -> str:
+        return str(self.client().get_model_version_by_alias(MODEL_NAME, alias).version)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_params, cdnow_features) -> Project:
+    return Project(tmp_path_factory.mktemp("registry"), repo_params, cdnow_features.directory)
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_gate_sequence_first_worse_better(project: Project, cdnow_features) -> None:
+    # 1. The first model becomes champion.
+    first = project.cycle("historical", {"window_days": 90})
+    assert first["decision"]["alias"] == CHAMPION and first["decision"]["reasons"] == ["no champion yet"]
+    assert project.alias(CHAMPION) == first["candidate"]["version"] == "1"
+
+    # 2. A worse one becomes challenger; the champion stays.
+    worse = project.cycle("historical", {"window_days": 7})
+    assert worse["candidate"]["metrics"]["gini"] < first["candidate"]["metrics"]["gini"]
+    assert worse["decision"]["alias"] == CHALLENGER and worse["decision"]["promote"] is False
+    assert project.alias(CHAMPION) == "1" and project.alias(CHALLENGER) == worse["candidate"]["version"]
+    # The champion was re-scored on the same evaluation set: its figures equal its own evaluation.
+    assert worse["previous_champion"]["metrics"]["gini"] == pytest.approx(first["candidate"]["metrics"]["gini"])
+
+    # 3. A better one takes champion.
+    better = project.cycle("gbdt", {"max_rounds": 80, "early_stopping_rounds": 10})
+    assert better["candidate"]["metrics"]["gini"] > first["candidate"]["metrics"]["gini"]
+    assert better["decision"]["alias"] == CHAMPION
+    assert project.alias(CHAMPION) == better["candidate"]["version"] == "3"
+    assert project.alias(CHALLENGER) == worse["candidate"]["version"]
+
+    # Registering the same run again is idempotent: same version, still champion.
+    again = run_register(project.params("gbdt"), project.root / "metrics.json", project.root / "models",
+                         project.features_dir, project.root / "registry.json", project.root)
+    assert again["candidate"]["version"] == "3" and again["decision"]["alias"] == CHAMPION
+
+    # The champion is an MLflow model any consumer loads by alias: predictions plus influence.
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
+    from uservalue.tracking import to_model_input
+
+    out = served.predict(to_model_input(cdnow_features.eval.head(50)))
+    assert {"user_id", "p_buy", "expected_value", "influence_buy"} <= set(out.columns)
+    assert served.metadata.signature is not None
+
+
+def test_failed_register_leaves_the_champion_in_place(project: Project, cdnow_features, tmp_path: Path) -> None:
+    champion_before = project.alias(CHAMPION)
+    # Evaluation features without a column the champion needs: re-scoring it fails half-way.
+    broken = tmp_path / "features"
+    broken.mkdir()
+    (broken / "meta.json").write_text((cdnow_features.directory / "meta.json").read_text())
+    cdnow_features.eval.drop(columns=["monetary_sum_365d", "buy_count_90d"]).to_parquet(broken / "eval.parquet")
+    with pytest.raises(Exception, match="monetary_sum_365d|buy_count_90d"):
+        project.cycle("historical", {"window_days": 30}, features_dir=broken)
+    assert project.alias(CHAMPION) == champion_before
+
+
+def test_training_run_records_code_data_and_model(project: Project) -> None:
+    record = json.loads((project.root / "models" / "historical" / "run.json").read_text())
+    run = project.client().get_run(record["run_id"])
+    assert run.data.tags["stage"] == "train" and run.data.tags["model"] == "historical"
+    assert "git_commit" in run.data.tags
+    assert run.data.params["train.historical.window_days"] == "30"
+    assert "eval_gini" in run.data.metrics  # evaluation writes back to the training run
+    logged = mlflow.models.get_model_info(record["model_uri"])
+    assert logged.signature is not None and "expected_value" in str(logged.signature.outputs)
+
+
+def test_gbdt_run_logs_the_influence_table(project: Project) -> None:
+    record = json.loads((project.root / "models" / "gbdt" / "run.json").read_text())
+    influence = mlflow.artifacts.load_dict(f"runs:/{record['run_id']}/influence.json")
+    assert set(influence) == {"view", "fav", "cart", "buy"}
+    assert sum(influence.values()) == pytest.approx(1.0)
+
+
+GATE = RegisterParams(primary_metric="gini", min_delta=0.01, guards={"auc": 0.01, "total_error": 0.05})
+BASE = {"gini": 0.70, "spearman": 0.45, "mae": 36, "rmse": 97, "top_decile_capture": 0.52, "decile_mape": 0.2,
+        "total_error": 0.02, "auc": 0.77}
+
+
+@pytest.mark.parametrize(
+    ("changes", "promote"),
+    [
+        ({"gini": 0.715}, True),  # beats by more than min_delta
+        ({"gini": 0.705}, False),  # better, but by less than min_delta
+        ({"gini": 0.69}, False),  # worse
+        ({"gini": 0.75, "auc": 0.75}, False),  # primary better, guard auc worse than its tolerance
+        ({"gini": 0.75, "auc": 0.765}, True),  # guard worse but within tolerance
+        ({"gini": 0.75, "total_error": -0.08}, False),  # |total_error| 0.08 vs 0.02: worse by 0.06 > 0.05
+        ({"gini": 0.75, "total_error": -0.01}, True),  # closer to 0 is better whatever the sign
+    ],
+)
+def test_decide(changes: dict, promote: bool) -> None:
+    decision = decide({**BASE, **changes}, BASE, GATE)
+    assert decision.promote is promote, decision.reasons
+
+
+def test_decide_without_champion_promotes() -> None:
+    assert decide(BASE, None, GATE).promote
+
+
+def test_lower_is_better_primary_metric() -> None:
+    gate = RegisterParams(primary_metric="rmse", min_delta=1.0, guards={})
+    assert decide({**BASE, "rmse": 95.5}, BASE, gate).promote
+    assert not decide({**BASE, "rmse": 96.5}, BASE, gate).promote
+
+
+def test_predictions_file_has_every_model_and_user(project: Project, cdnow_features) -> None:
+    predictions = pd.read_parquet(project.root / "predictions.parquet")
+    assert set(predictions.columns) >= {"model", "user_id", "p_buy", "expected_value", "value", "bought"}
+    assert len(predictions) == len(cdnow_features.eval) * predictions["model"].nunique()
