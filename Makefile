@@ -10,13 +10,16 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench clean help
+MLFLOW_PORT ?= 5000
+
+.PHONY: install run test test-fast bench mlflow-ui clean help
 
 help:
 	@echo "make run        install, then dvc repro on the embedded default (CDNOW)"
 	@echo "make test       install, then the whole test suite"
 	@echo "make test-fast  the suite without the slow end-to-end tests"
 	@echo "make bench      benchmarks (figures printed, never asserted)"
+	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (runs, metrics, registry)"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -40,6 +43,12 @@ test-fast: install
 
 bench: install
 	python bench/featurize.py
+	python bench/cdnow_quality.py
+
+# The embedded default store (params tracking.uri: null): SQLite in the project, artifacts in ./mlartifacts.
+mlflow-ui: install
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+		--default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -37,8 +37,50 @@ def test_repro_builds_every_stage_on_cdnow(reproduced: Path) -> None:
     summary = json.loads((reproduced / "reports/validation/summary.json").read_text())
     assert summary["success"] and summary["rows"] == 69_659
     lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "validate", "featurize"}
+    models = yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["models"]
+    assert set(lock["stages"]) == {"ingest", "validate", "featurize", "evaluate", "register",
+                                   *(f"train@{m}" for m in models)}
     assert lock["stages"]["featurize"]["params"]["params.yaml"]["split"]["horizon_days"] == 273
+
+
+def test_repro_trains_evaluates_and_registers_a_champion(reproduced: Path) -> None:
+    import mlflow
+
+    report = json.loads((reproduced / "reports/metrics.json").read_text())
+    models = yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["models"]
+    assert set(report["models"]) == set(models) and report["champion"] in models
+    for row in report["models"].values():
+        assert set(row) == {"gini", "spearman", "mae", "rmse", "top_decile_capture", "decile_mape",
+                            "total_error", "auc"}
+    assert "| model |" in (reproduced / "reports/model_comparison.md").read_text()
+    gains = pd.read_csv(reproduced / "reports/plots/gains.csv")
+    assert list(gains.columns) == ["fraction_users", *models]
+    registry = json.loads((reproduced / "reports/registry.json").read_text())
+    assert registry["decision"]["alias"] == "champion" and registry["candidate"]["model"] == report["champion"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{reproduced / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("user-value", "champion")
+    assert champion.run_id == report["runs"][report["champion"]]
+    # The training run records the DVC hash of the features it trained on.
+    lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
+    features_md5 = next(o["md5"] for o in lock["stages"]["featurize"]["outs"] if o["path"] == "data/features")
+    assert client.get_run(champion.run_id).data.tags["dvc.data/features"] == features_md5
+
+    # `dvc plots show` renders the evaluation plots (one series per model).
+    run_in(reproduced, "dvc", "plots", "show", "-o", str(reproduced / "plots_html"))
+    assert (reproduced / "plots_html" / "index.html").is_file()
+
+
+def test_changing_one_model_reruns_only_its_branch(reproduced: Path) -> None:
+    original = set_param(reproduced, "train", "historical", {"window_days": 90})
+    try:
+        rerun = run_in(reproduced, "dvc", "repro")
+    finally:
+        (reproduced / "params.yaml").write_text(original)
+    ran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@historical", "evaluate", "register"}, rerun.stdout
+    run_in(reproduced, "dvc", "repro")  # back to the committed params
 
 
 def test_second_repro_is_a_noop(reproduced: Path) -> None:
@@ -73,10 +115,12 @@ def test_failed_gate_leaves_last_good_features_untouched(reproduced: Path) -> No
 
 def test_exp_run_with_synthetic_source(reproduced: Path) -> None:
     run_in(reproduced, "dvc", "exp", "run", "-S", "data.source=synthetic", "-S", "data.synthetic.users=2000",
-         "-S", "data.synthetic.events_per_user=40")
+         "-S", "data.synthetic.events_per_user=40", "-S", "train.models=[historical,gbdt]")
     truth = json.loads((reproduced / "data/truth/truth.json").read_text())
     assert truth["planted"] is True and truth["params"]["users"] == 2000
     evaluation = pd.read_parquet(reproduced / "data/features/eval.parquet")
     assert 1000 < len(evaluation) <= 2000 and evaluation["user_id"].str.startswith("u").all()
+    report = json.loads((reproduced / "reports/metrics.json").read_text())
+    assert set(report["models"]) == {"historical", "gbdt"} and report["users"] == len(evaluation)
     shown = json.loads(run_in(reproduced, "dvc", "exp", "show", "--json").stdout)
     assert json.dumps(shown).count("synthetic") >= 1
