@@ -21,7 +21,7 @@ def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 def test_help_lists_one_command_per_stage() -> None:
     done = _run("--help")
     assert done.returncode == 0
-    for command in ("ingest", "validate", "featurize", "generate"):
+    for command in ("ingest", "validate", "featurize", "generate", "train", "evaluate", "register"):
         assert command in done.stdout
     options = _run("generate", "--help").stdout
     for option in ("--users", "--events-per-user", "--seed", "--drift", "--out", "--truth-dir"):
@@ -42,10 +42,14 @@ def test_generate_writes_events_and_truth(tmp_path: Path) -> None:
     [
         (["ingest", "--params", "missing.yaml"], "missing.yaml: params file does not exist"),
         (["featurize", "--events", "nowhere.parquet"], "nowhere.parquet: file does not exist"),
+        (["train", "--model", "xgb"], "--model: unknown model 'xgb'"),
+        (["train", "--model", "gbdt", "--features-dir", "nowhere"], "meta.json: feature metadata is missing"),
+        (["evaluate", "--features-dir", "nowhere"], "meta.json: feature metadata is missing"),
+        (["register", "--metrics", "nowhere.json"], "nowhere.json: evaluation metrics are missing"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    if "featurize" in args:
+    if args[0] != "ingest":
         shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", tmp_path / "params.yaml")
     done = _run(*args, cwd=tmp_path)
     assert done.returncode == 2
