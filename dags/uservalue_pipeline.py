@@ -16,14 +16,16 @@ import pendulum
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Param
 
-# The stages of dvc.yaml, in order; later issues append train/evaluate/register here.
-STAGES: tuple[str, ...] = ("ingest", "validate", "featurize")
+# The stages of dvc.yaml, in order. `train` is a foreach stage (one `train@<model>` per entry of
+# params train.models): one task runs them all via --glob, so the DAG needs no copy of that list.
+STAGES: tuple[str, ...] = ("ingest", "validate", "featurize", "train", "evaluate", "register")
+STAGE_TARGETS = {"train": "--glob 'train@*'"}
 # Where the project (dvc.yaml) lives: set USERVALUE_PROJECT_DIR in the Airflow environment.
 DEFAULT_PROJECT_DIR = os.environ.get("USERVALUE_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
 
 with DAG(
     dag_id="uservalue_pipeline",
-    description="Ingest, validate (Great Expectations) and featurize with DVC",
+    description="Ingest, validate (Great Expectations), featurize, train, evaluate and register with DVC",
     schedule=None,
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
@@ -40,7 +42,8 @@ with DAG(
         task = BashOperator(
             task_id=stage,
             cwd="{{ params.project_dir }}",
-            bash_command=f"dvc repro --single-item {stage}" + "{{ ' --force' if params.force else '' }}",
+            bash_command=f"dvc repro --single-item {STAGE_TARGETS.get(stage, stage)}"
+            + "{{ ' --force' if params.force else '' }}",
             env={"DVC_NO_ANALYTICS": "1"},
             append_env=True,
         )

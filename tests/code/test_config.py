@@ -50,6 +50,20 @@ def test_missing_or_unreadable_params_file(tmp_path) -> None:
         load_params(bad)
 
 
-def test_later_stage_sections_are_tolerated(repo_params: dict) -> None:
-    params = parse_params(merge(repo_params, {"train.epochs": 3}))
+def test_sections_of_later_issues_are_tolerated(repo_params: dict) -> None:
+    params = parse_params(merge(repo_params, {"monitor.threshold": 0.3}))
     assert params.split.horizon_days == 273
+
+
+def test_train_section_is_typed(repo_params: dict) -> None:
+    params = parse_params(repo_params)
+    assert params.train.models == ("historical", "btyd", "gbdt", "linear", "mlp", "sequence")
+    assert params.register_.model_name == "user-value"
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        parse_params(merge(repo_params, {"train.epochs": 3}))
+    with pytest.raises(ConfigError, match=r"train\.models.*unknown models \['xgb'\]"):
+        parse_params(merge(repo_params, {"train.models": ["gbdt", "xgb"]}))
+    with pytest.raises(ConfigError, match=r"register\.min_delta"):
+        parse_params(merge(repo_params, {"register.min_delta": -1}))
+    with pytest.raises(ConfigError, match=r"register\.guards"):
+        parse_params(merge(repo_params, {"register.guards": {"accuracy": 0.1}}))

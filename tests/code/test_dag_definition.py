@@ -21,3 +21,4 @@ def test_dag_has_one_task_per_dvc_stage_in_order(tmp_path, monkeypatch) -> None:
         assert dag.get_task(downstream).upstream_task_ids == {upstream}
     assert dag.max_active_tasks == 1  # DVC's repository lock: never two stages at once
     assert "dvc repro --single-item validate" in dag.get_task("validate").bash_command
+    assert "dvc repro --single-item --glob 'train@*'" in dag.get_task("train").bash_command

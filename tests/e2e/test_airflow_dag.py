@@ -17,6 +17,7 @@ DAG_ID = "uservalue_pipeline"
 @pytest.fixture(scope="module")
 def airflow(make_project, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     project = make_project()
+    set_param(project, "train", "models", ["historical", "linear"])  # the DAG follows params: quick here
     env = tool_env(
         AIRFLOW_HOME=str(tmp_path_factory.mktemp("airflow_home")),
         AIRFLOW__CORE__DAGS_FOLDER=str(project / "dags"),
@@ -31,10 +32,11 @@ def test_dag_runs_every_stage_through_dvc(airflow) -> None:
     project, env = airflow
     done = run_in(project, "airflow", "dags", "test", DAG_ID, env=env)
     log = done.stdout + done.stderr
-    for stage in ("ingest", "validate", "featurize"):
+    for stage in ("ingest", "validate", "featurize", "train", "evaluate", "register"):
         assert f"task_id='{stage}'" in log
     assert "state=success" in log
     assert len(pd.read_parquet(project / "data/features/eval.parquet")) == 23_570
+    assert json.loads((project / "reports/registry.json").read_text())["decision"]["alias"] == "champion"
     assert "up to date" in run_in(project, "dvc", "status").stdout  # Airflow ran DVC, DVC kept its lock
 
 
