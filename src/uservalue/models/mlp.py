@@ -1,0 +1,118 @@
+"""Deep collaborative-filtering-style MLP with a zero-inflated lognormal head ("mlp").
+
+Inputs per user (one feature row):
+- the aggregate tower: the aggregate columns (log1p + standardised inside the network) -> MLP;
+- a hashed user-id embedding (`user_buckets` buckets; a user seen at several training cutoffs
+  shares one vector, a user never seen lands in a bucket trained by others);
+- mean-pooled embeddings of the hashed categories and items of the user's last L events.
+
+They are concatenated into an MLP whose last layer is the ZILN head (uservalue.models.ziln), so
+it predicts p_buy and expected_value with label windows of different length as exposure.
+
+Id tables memorise small data sets fast (a user's few items identify them, and with them their
+label), so: category/item ids held by fewer than `min_id_rows` training rows read as "unknown"
+(tensors.HashedEmbedding), and during training each user/category/item id is hidden with
+probability `id_dropout`. The validation split is by user, so a validation user's own id vector
+is never trained: early stopping measures how the model does on users it has not memorised.
+Training, persistence and the behaviour attribution are shared with the sequence model
+(uservalue.models.torch_training); the attribution here runs through the aggregate columns and
+the pooled category/item embeddings of each behaviour's events.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from uservalue.models.tensors import AggregateNorm, AggregateStats, HashedEmbedding, TokenStats
+from uservalue.models.torch_training import TorchParams, TorchValueModel
+from uservalue.models.ziln import ZilnHead
+
+
+class MlpParams(TorchParams):
+    hidden: tuple[int, ...] = Field((128, 64), min_length=1, description="sizes of the hidden layers after the concat")
+    tower: int = Field(64, ge=1, description="width of the aggregate tower")
+    embedding_dim: int = Field(16, ge=1)
+    user_buckets: int = Field(32_768, ge=0, description="hashed user-id embedding buckets (0: none)")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    id_dropout: float = Field(0.5, ge=0, lt=1, description="training: share of user/category/item ids hidden")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(512, ge=1)
+    max_epochs: int = Field(30, ge=1)
+    patience: int = Field(4, ge=1)
+
+
+def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [nn.Linear(a, b), nn.GELU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+def hide_ids(category: torch.Tensor, item: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-time id dropout: each event's category and item id is replaced by the padding id
+    with probability `rate` (the hashed id tables are what a small data set memorises first)."""
+    if rate <= 0:
+        return category, item
+    hidden = torch.rand(category.shape, device=category.device) < rate
+    return category.masked_fill(hidden, 0), item.masked_fill(hidden, 0)
+
+
+def masked_mean(embedding: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean embedding of the non-zero ids among each row's first `lengths` positions."""
+    valid = (ids > 0) & (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None])
+    vectors = embedding(ids) * valid.unsqueeze(-1)
+    return vectors.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+class MlpNetwork(nn.Module):
+    def __init__(self, p: MlpParams, n_categories: int, n_items: int, agg_stats: AggregateStats,
+                 token_stats: TokenStats, bias: tuple[float, ...]) -> None:
+        super().__init__()
+        self.agg_stats, self.token_stats, self.initial_bias = agg_stats, token_stats, bias
+        self.id_dropout = p.id_dropout
+        d = p.embedding_dim
+        self.norm = AggregateNorm(agg_stats)
+        self.tower = mlp([len(agg_stats.columns), p.tower], p.dropout)
+        self.user = nn.Embedding(p.user_buckets, d) if p.user_buckets > 0 else None
+        if self.user is not None:
+            nn.init.normal_(self.user.weight, std=0.01)
+        self.category = HashedEmbedding(n_categories, d)
+        self.item = HashedEmbedding(n_items, d)
+        width = p.tower + d * (3 if self.user is not None else 2)
+        self.body = mlp([width, *p.hidden], p.dropout)
+        self.head = ZilnHead(p.hidden[-1], bias)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rate = self.id_dropout if self.training else 0.0
+        category, item = hide_ids(batch["category"], batch["item"], rate)
+        parts = [
+            self.tower(self.norm(batch["agg"])),
+            masked_mean(self.category, category, batch["lengths"]),
+            masked_mean(self.item, item, batch["lengths"]),
+        ]
+        if self.user is not None:
+            user = self.user(batch["user_bucket"])
+            if rate > 0:
+                user = user * (torch.rand(user.shape[0], 1, device=user.device) >= rate)
+            parts.append(user)
+        return self.head(self.body(torch.cat(parts, dim=-1)))
+
+
+class MlpModel(TorchValueModel):
+    name: ClassVar[str] = "mlp"
+    Params = MlpParams
+
+    @property
+    def user_buckets(self) -> int:
+        return max(self.params.user_buckets, 1)  # type: ignore[attr-defined]
+
+    def build_network(self, agg_stats: AggregateStats, token_stats: TokenStats,
+                      bias: tuple[float, ...]) -> nn.Module:
+        return MlpNetwork(self.params, self.spec.category_buckets, self.spec.item_buckets,  # type: ignore[arg-type]
+                          agg_stats, token_stats, bias)
