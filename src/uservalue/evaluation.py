@@ -153,11 +153,12 @@ def run_evaluate(
         index = "fraction_users" if name == "gains" else "decile"
         column = "fraction_value" if name == "gains" else "mean_predicted"
         wide = frame.pivot(index=index, columns="model", values=column)[list(params.train.models)].reset_index()
-        if name == "deciles":
-            actual = frame[frame["model"] == champion].set_index("decile")["mean_actual"]
-            wide.insert(1, "actual", wide["decile"].map(actual))
         with atomic_path(plots_dir / f"{name}.csv") as tmp:
             wide.to_csv(tmp, index=False)
+    # The truth per decile of the champion's ranking, drawn beside the models' predictions.
+    actual = evaluation.deciles[evaluation.deciles["model"] == champion][["decile", "mean_actual"]]
+    with atomic_path(plots_dir / "deciles_actual.csv") as tmp:
+        actual.rename(columns={"mean_actual": "actual"}).to_csv(tmp, index=False)
     with atomic_path(table_path) as tmp:
         tmp.write_text(comparison_markdown(evaluation, champion, primary, cutoff, meta["horizon_days"]))
     with atomic_path(predictions_path) as tmp:
