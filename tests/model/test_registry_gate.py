@@ -165,3 +165,31 @@ def test_predictions_file_has_every_model_and_user(project: Project, cdnow_featu
     predictions = pd.read_parquet(project.root / "predictions.parquet")
     assert set(predictions.columns) >= {"model", "user_id", "p_buy", "expected_value", "value", "bought"}
     assert len(predictions) == len(cdnow_features.eval) * predictions["model"].nunique()
+
+
+class _Interrupt(KeyboardInterrupt):
+    """What Ctrl-C or a killed Airflow task looks like to the training loop."""
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(project: Project) -> None:
+    params = project.params("mlp", {"max_epochs": 4, "patience": 10})
+    out = project.root / "models" / "mlp"
+
+    def stop_after_second_epoch(metrics: dict, step: int) -> None:
+        if step == 2:
+            raise _Interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model("mlp", params, project.features_dir, out, project.root, log_metrics_hook=stop_after_second_epoch)
+    assert not out.exists()  # nothing half-written where the stage output goes
+    assert any((project.root / ".cache" / "checkpoints" / "mlp").iterdir())
+    client = project.client()
+    interrupted = client.search_runs([client.get_experiment_by_name("uservalue").experiment_id],
+                                     "tags.model = 'mlp'", order_by=["attributes.start_time DESC"])[0]
+    assert interrupted.info.status in ("FAILED", "KILLED")
+
+    resumed = train_model("mlp", params, project.features_dir, out, project.root)
+    assert resumed.summary["resumed_from_epoch"] == 2
+    steps = [m.step for m in client.get_metric_history(resumed.run_id, "train_loss")]
+    assert steps == [3, 4]  # only the epochs that were left
+    assert (out / "model" / "model.json").is_file()
