@@ -76,9 +76,9 @@ def comparison_markdown(evaluation: Evaluation, champion: str, primary: str, cut
     lines = [
         "# Model comparison",
         "",
-        f"Evaluation cutoff {cutoff}, horizon {horizon} days, {evaluation.predictions['user_id'].nunique()} users. "
-        f"Champion by `{primary}`: **{champion}**. Higher is better except mae, rmse, decile_mape and "
-        "|total_error|.",
+        (f"Evaluation cutoff {cutoff}, horizon {horizon} days, {evaluation.predictions['user_id'].nunique()} "
+         f"users. Champion by `{primary}`: **{champion}**. Higher is better except mae, rmse, decile_mape "
+         "and |total_error|."),
         "",
         "| model | " + " | ".join(keys) + " |",
         "|---|" + "---:|" * len(keys),
@@ -142,7 +142,7 @@ def run_evaluate(
         "primary_metric": primary,
         "eval_cutoff": cutoff,
         "horizon_days": meta["horizon_days"],
-        "users": int(len(features)),
+        "users": len(features),
         "features_md5": tracking.dvc_output_hashes(project_dir, "featurize").get("data/features", ""),
         "runs": {name: run["run_id"] for name, run in runs.items()},
     }

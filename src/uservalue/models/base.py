@@ -102,7 +102,7 @@ def behavior_of_column(column: str, behaviors: tuple[str, ...]) -> str | None:
     for b in behaviors:
         if column.startswith(f"{b}_"):
             return b
-    if column.startswith("monetary_") or column.startswith("btyd_") or column == "purchase_days":
+    if column.startswith(("monetary_", "btyd_")) or column == "purchase_days":
         return "buy"
     return None
 
