@@ -254,8 +254,19 @@ class TrackingParams(_Section):
     artifact_location: str | None = Field(None, description="for a new experiment; default ./mlartifacts")
 
 
+class MonitorParams(_Section):
+    """Drift of the served predictions (Evidently): thresholds that turn a report into a verdict."""
+
+    prediction_columns: tuple[str, ...] = ("expected_value", "p_buy")
+    feature_columns: tuple[str, ...] = ("recency_days", "n_events", "monetary_sum", "buy_count", "tenure_days")
+    method: str = Field("wasserstein", description="Evidently numerical drift method (a distance)")
+    column_threshold: float = Field(0.1, gt=0, description="a column drifts when its distance reaches this")
+    drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted columns that flags drift")
+    min_rows: int = Field(100, ge=1, description="fewer current rows than this is an error, not a verdict")
+
+
 class Params(_Section):
-    # Sections of later stages (package, monitor, ...) are theirs to type; tolerate them here.
+    # Sections of later stages (package, ...) are theirs to type; tolerate them here.
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
     data: DataParams = DataParams()
@@ -266,6 +277,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(RegisterParams(), alias="register")
     tracking: TrackingParams = TrackingParams()
+    monitor: MonitorParams = MonitorParams()
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

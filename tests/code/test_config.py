@@ -51,7 +51,7 @@ def test_missing_or_unreadable_params_file(tmp_path) -> None:
 
 
 def test_sections_of_later_issues_are_tolerated(repo_params: dict) -> None:
-    params = parse_params(merge(repo_params, {"monitor.threshold": 0.3}))
+    params = parse_params(merge(repo_params, {"package.bento_name": "user-value"}))
     assert params.split.horizon_days == 273
 
 
