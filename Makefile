@@ -11,8 +11,9 @@ export GX_ANALYTICS_ENABLED := False
 PYTEST_ARGS ?=
 
 MLFLOW_PORT ?= 5000
+USERVALUE_PORT ?= 3000
 
-.PHONY: install run test test-fast bench mlflow-ui clean help
+.PHONY: install run test test-fast bench mlflow-ui serve clean help
 
 help:
 	@echo "make run        install, then dvc repro on the embedded default (CDNOW)"
@@ -20,6 +21,7 @@ help:
 	@echo "make test-fast  the suite without the slow end-to-end tests"
 	@echo "make bench      benchmarks (figures printed, never asserted)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (runs, metrics, registry)"
+	@echo "make serve      the built Bento (the champion) on http://127.0.0.1:$(USERVALUE_PORT)"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -44,11 +46,16 @@ test-fast: install
 bench: install
 	python bench/featurize.py
 	python bench/cdnow_quality.py
+	python bench/serve.py
 
 # The embedded default store (params tracking.uri: null): SQLite in the project, artifacts in ./mlartifacts.
 mlflow-ui: install
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# The Bento built by `make run` (stage package); USERVALUE_API_KEY=... makes it require a key.
+serve: install
+	uservalue serve --port $(USERVALUE_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

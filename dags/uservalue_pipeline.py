@@ -18,14 +18,14 @@ from airflow.sdk import DAG, Param
 
 # The stages of dvc.yaml, in order. `train` is a foreach stage (one `train@<model>` per entry of
 # params train.models): one task runs them all via --glob, so the DAG needs no copy of that list.
-STAGES: tuple[str, ...] = ("ingest", "validate", "featurize", "train", "evaluate", "register")
+STAGES: tuple[str, ...] = ("ingest", "validate", "featurize", "train", "evaluate", "register", "package", "monitor")
 STAGE_TARGETS = {"train": "--glob 'train@*'"}
 # Where the project (dvc.yaml) lives: set USERVALUE_PROJECT_DIR in the Airflow environment.
 DEFAULT_PROJECT_DIR = os.environ.get("USERVALUE_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
 
 with DAG(
     dag_id="uservalue_pipeline",
-    description="Ingest, validate (Great Expectations), featurize, train, evaluate and register with DVC",
+    description="Ingest, validate (Great Expectations), featurize, train, evaluate, register, package (BentoML) and monitor (Evidently) with DVC",
     schedule=None,
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,

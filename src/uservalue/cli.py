@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -315,3 +316,108 @@ def register(
         f"{record['decision']['alias']}; " + "; ".join(record["decision"]["reasons"]),
         markup=False,
     )
+
+
+@app.command()
+@_reports_errors
+def package(
+    params: ParamsOption = Path("params.yaml"),
+    bentofile: Annotated[Path, typer.Option(help="BentoML build file.")] = Path("bentofile.yaml"),
+    out: Annotated[Path, typer.Option(help="Record of the built Bento (tag, model version, run).")] = Path(
+        "reports/package.json"
+    ),
+) -> None:
+    """Import the registered champion into the BentoML store and build the Bento (params `package`)."""
+    from uservalue.packaging import run_package
+
+    cfg = _load(params)
+    record = run_package(cfg, Path.cwd(), bentofile, out)
+    err.print(f"package: {record['bento']} serves {record['model_name']} version {record['model_version']} "
+              f"({record['model_type']}), BentoML store {record['bentoml_home']}", markup=False)
+
+
+@app.command()
+@_reports_errors
+def score(
+    events: Annotated[Path, typer.Option(help="Canonical events (Parquet) to score.")] = Path("data/validated.parquet"),
+    out: Annotated[Path, typer.Option(help="Per-user predictions (Parquet).")] = Path("data/predictions/batch.parquet"),
+    as_of: Annotated[
+        dt.datetime | None, typer.Option(help="Scoring time (ISO); default: the day after the last event.")
+    ] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Batch-score every user with the registered champion: the service's features and model, offline."""
+    from uservalue.io import atomic_path
+    from uservalue.monitoring import default_as_of
+    from uservalue.registry import load_registered
+    from uservalue.serving import as_utc, score_events
+
+    cfg = _load(params)
+    if not events.is_file():
+        raise InputError(events, "file does not exist", expected="canonical events (Parquet)")
+    model, info = load_registered(cfg, Path.cwd())
+    when = as_utc(as_of) if as_of else default_as_of(events)
+    scored = score_events(model, events, when)
+    scored.insert(1, "model_version", info.version)
+    with atomic_path(out) as tmp:
+        scored.to_parquet(tmp, index=False)
+    err.print(f"score: {len(scored):,} users at {when.isoformat()} with {info.name} version {info.version} -> {out}",
+              markup=False)
+
+
+@app.command()
+@_reports_errors
+def monitor(
+    params: ParamsOption = Path("params.yaml"),
+    events: Annotated[Path, typer.Option(help="Events scored as the current window (monitor.current=batch).")] = Path(
+        "data/validated.parquet"
+    ),
+    features_dir: Annotated[Path, typer.Option(help="Output of featurize (the reference's features).")] = Path(
+        "data/features"
+    ),
+    out_dir: Annotated[Path, typer.Option(help="Where <date>.html and latest.json go.")] = Path("reports/monitoring"),
+    current: Annotated[str | None, typer.Option(help="Override monitor.current: batch | log.")] = None,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Prediction log (monitor.current=log); default: params serve.log_dir.")
+    ] = None,
+    fail_on_drift: Annotated[bool, typer.Option(help="Exit 3 when drift is detected (for schedulers).")] = False,
+) -> None:
+    """Compare the champion's current predictions with its evaluation-time reference (Evidently)."""
+    from uservalue.monitoring import run_monitor
+
+    cfg = _load(params, {"monitor.current": current})
+    verdict = run_monitor(cfg, Path.cwd(), events, features_dir, log_dir or Path(cfg.serve.log_dir), out_dir)
+    drifted = ", ".join(verdict["drifted_columns"]) or "none"
+    err.print(f"monitor: drift_detected={str(verdict['drift_detected']).lower()} "
+              f"(drifted share {verdict['drifted_share']:.2f}; drifted columns: {drifted}) -> {out_dir}/latest.json",
+              markup=False)
+    if fail_on_drift and verdict["drift_detected"]:
+        raise typer.Exit(3)
+
+
+@app.command()
+@_reports_errors
+def serve(
+    port: Annotated[int, typer.Option(envvar="USERVALUE_PORT", help="Port (env USERVALUE_PORT).")] = 3000,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
+    record: Annotated[Path, typer.Option(help="The package stage's record of the built Bento.")] = Path(
+        "reports/package.json"
+    ),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Serve the Bento the package stage built (`bentoml serve <tag>`), with this project's settings."""
+    import os
+    import shutil
+
+    from uservalue.packaging import bentoml_env, read_package_record
+
+    cfg = _load(params)
+    built = read_package_record(record)
+    env = bentoml_env(cfg, Path.cwd())
+    env["BENTOML_HOME"] = str((Path.cwd() / built["bentoml_home"]).resolve())
+    env.setdefault("USERVALUE_PROJECT_DIR", str(Path.cwd()))
+    env.setdefault("USERVALUE_PARAMS", str(params.resolve()))
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
+    err.print(f"serve: {built['bento']} ({built['model_name']} version {built['model_version']}) "
+              f"on http://{host}:{port}", markup=False)
+    os.execvpe(bentoml, [bentoml, "serve", built["bento"], "--host", host, "--port", str(port)], env)

@@ -254,9 +254,35 @@ class TrackingParams(_Section):
     artifact_location: str | None = Field(None, description="for a new experiment; default ./mlartifacts")
 
 
+class PackageParams(_Section):
+    """The package stage: the registered champion into the BentoML model store, then `bentoml build`."""
+
+    bento_name: str = Field("uservalue", min_length=1, description="name of the built Bento (bentofile.yaml's `name`)")
+    model_alias: str = Field("champion", min_length=1, description="registry alias that is packaged")
+    bentoml_home: str | None = Field(
+        None, description="BentoML store; BENTOML_HOME wins; default .bentoml in the project (git-ignored)"
+    )
+
+
+class ServeParams(_Section):
+    """The service's limits and its prediction log; each can be overridden by a USERVALUE_* env var
+    (the API key is only ever an env var: USERVALUE_API_KEY)."""
+
+    max_users: int = Field(1000, ge=1, description="users per /predict request; more is refused with 413")
+    max_events: int = Field(100_000, ge=1, description="events per /predict request; more is refused with 413")
+    log_dir: str = Field("data/prediction_log", description="prediction log (Parquet, one folder per day)")
+    log_flush_records: int = Field(1000, ge=1, description="records buffered before a log file is written")
+    log_flush_seconds: float = Field(5.0, gt=0, description="longest a record waits in the buffer")
+
+
 class MonitorParams(_Section):
     """Drift of the served predictions (Evidently): thresholds that turn a report into a verdict."""
 
+    current: Literal["batch", "log"] = Field(
+        "batch", description="batch: score the events at as_of; log: the service's prediction log"
+    )
+    as_of: dt.datetime | None = Field(None, description="batch: scoring time; null = the day after the last event")
+    log_days: int = Field(1, ge=1, description="log: how many days of the prediction log form the current window")
     prediction_columns: tuple[str, ...] = ("expected_value", "p_buy")
     feature_columns: tuple[str, ...] = ("recency_days", "n_events", "monetary_sum", "buy_count", "tenure_days")
     method: str = Field("wasserstein", description="Evidently numerical drift method (a distance)")
@@ -266,7 +292,7 @@ class MonitorParams(_Section):
 
 
 class Params(_Section):
-    # Sections of later stages (package, ...) are theirs to type; tolerate them here.
+    # Sections of later stages are theirs to type; tolerate them here.
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
     data: DataParams = DataParams()
@@ -277,6 +303,8 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(RegisterParams(), alias="register")
     tracking: TrackingParams = TrackingParams()
+    package: PackageParams = PackageParams()
+    serve: ServeParams = ServeParams()
     monitor: MonitorParams = MonitorParams()
 
 

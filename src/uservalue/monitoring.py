@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from uservalue.config import MonitorParams
+from uservalue.duck import sql_string
 from uservalue.errors import InputError
 from uservalue.io import atomic_path, write_json
 
@@ -77,3 +78,81 @@ def write_monitoring(snapshot: Any, verdict: dict[str, Any], out_dir: str | Path
         tmp.with_suffix(".html").replace(tmp)
     write_json(out_dir / "latest.json", {**verdict, "report": html.name, "created": now.isoformat()})
     return html
+
+
+def default_as_of(events: pd.DataFrame | str | Path) -> dt.datetime:
+    """The day after the last event: "now" for a log that has stopped growing."""
+    import duckdb
+
+    if isinstance(events, pd.DataFrame):
+        last = events["ts"].max()
+    else:
+        last = duckdb.sql(f"SELECT max(ts) FROM read_parquet({sql_string(str(events))})").fetchall()[0][0]
+    if last is None or pd.isna(last):
+        raise InputError(str(events), "no events", expected="at least one event to score")
+    last = pd.Timestamp(last).tz_convert("UTC") if pd.Timestamp(last).tzinfo else pd.Timestamp(last, tz="UTC")
+    return (last.floor("D") + pd.Timedelta(days=1)).to_pydatetime()
+
+
+def current_window(params: Any, model: Any, events: Path, log_dir: Path, now: dt.datetime) -> tuple[pd.DataFrame, dict]:
+    """The predictions to compare with the reference: a freshly scored batch or the prediction log."""
+    from uservalue.serving import read_prediction_log, score_events
+
+    cfg: MonitorParams = params.monitor
+    if cfg.current == "log":
+        since = now - dt.timedelta(days=cfg.log_days)
+        frame = read_prediction_log(log_dir, since=since, until=now)
+        if frame.empty:
+            raise InputError(log_dir, f"no predictions logged since {since.isoformat()}",
+                             expected=f"at least monitor.min_rows={cfg.min_rows} served predictions "
+                                      f"(monitor.log_days={cfg.log_days})")
+        return frame, {"source": "prediction_log", "path": str(log_dir), "since": since.isoformat(),
+                       "until": now.isoformat(), "rows": len(frame),
+                       "model_versions": sorted(map(str, frame["model_version"].unique()))}
+    if not events.is_file():
+        raise InputError(events, "file does not exist", expected="validated events to score")
+    as_of = cfg.as_of or default_as_of(events)
+    as_of = as_of if as_of.tzinfo else as_of.replace(tzinfo=dt.UTC)
+    frame = score_events(model, events, as_of)
+    return frame, {"source": "batch", "path": str(events), "as_of": as_of.isoformat(), "rows": len(frame)}
+
+
+def run_monitor(params: Any, project_dir: str | Path, events: str | Path, features_dir: str | Path,
+                log_dir: str | Path, out_dir: str | Path, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The monitor stage: champion predictions on the evaluation features (reference) against the
+    current window; Evidently report and verdict to `out_dir`, and both to an MLflow run."""
+    import mlflow
+
+    from uservalue import tracking
+    from uservalue.registry import load_registered
+    from uservalue.serving import score_features
+    from uservalue.training import read_features
+
+    project_dir = Path(project_dir)
+    now = now or dt.datetime.now(dt.UTC)
+    model, info = load_registered(params, project_dir)
+    eval_features = read_features(Path(features_dir), "eval")
+    reference = score_features(model, eval_features)
+    current, current_meta = current_window(params, model, Path(events), Path(log_dir), now)
+    snapshot, verdict = drift_report(reference, current, params.monitor)
+    verdict = {
+        **verdict,
+        "model": {"name": info.name, "version": info.version, "run_id": info.run_id, "type": info.model_type},
+        "reference": {"source": "evaluation features", "path": str(Path(features_dir) / "eval.parquet"),
+                      "cutoff": str(eval_features["cutoff"].iloc[0]) if len(eval_features) else None,
+                      "rows": len(reference)},
+        "current": current_meta,
+    }
+    html = write_monitoring(snapshot, verdict, out_dir, now)
+    tracking.configure(params.tracking, project_dir)
+    with mlflow.start_run(run_name="monitor") as run:
+        mlflow.set_tags({"stage": "monitor", "model_version": info.version, "current_source": current_meta["source"],
+                         "drift_detected": str(verdict["drift_detected"]).lower()})
+        mlflow.log_metrics({"drift_detected": float(verdict["drift_detected"]),
+                            "drifted_share": verdict["drifted_share"],
+                            **{f"drift_{c}": row["score"] for c, row in verdict["columns"].items()}})
+        mlflow.log_artifact(str(html), "monitoring")
+        mlflow.log_dict(verdict, "monitoring/latest.json")
+    verdict["mlflow_run_id"] = run.info.run_id
+    write_json(Path(out_dir) / "latest.json", {**verdict, "report": html.name, "created": now.isoformat()})
+    return verdict

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pipelines", "src", "dags", "data/raw/README.md", ".dvcignore",
-                 ".gitignore"]
+                 ".gitignore", "service.py", "bentofile.yaml", "pyproject.toml", "README.md"]
 
 
 def tool_env(**extra: str) -> dict[str, str]:

@@ -32,11 +32,13 @@ def test_dag_runs_every_stage_through_dvc(airflow) -> None:
     project, env = airflow
     done = run_in(project, "airflow", "dags", "test", DAG_ID, env=env)
     log = done.stdout + done.stderr
-    for stage in ("ingest", "validate", "featurize", "train", "evaluate", "register"):
+    for stage in ("ingest", "validate", "featurize", "train", "evaluate", "register", "package", "monitor"):
         assert f"task_id='{stage}'" in log
     assert "state=success" in log
     assert len(pd.read_parquet(project / "data/features/eval.parquet")) == 23_570
     assert json.loads((project / "reports/registry.json").read_text())["decision"]["alias"] == "champion"
+    assert json.loads((project / "reports/package.json").read_text())["bento"].startswith("uservalue:")
+    assert "drift_detected" in json.loads((project / "reports/monitoring/latest.json").read_text())
     assert "up to date" in run_in(project, "dvc", "status").stdout  # Airflow ran DVC, DVC kept its lock
 
 

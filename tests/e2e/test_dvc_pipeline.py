@@ -38,7 +38,7 @@ def test_repro_builds_every_stage_on_cdnow(reproduced: Path) -> None:
     assert summary["success"] and summary["rows"] == 69_659
     lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
     models = yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["models"]
-    assert set(lock["stages"]) == {"ingest", "validate", "featurize", "evaluate", "register",
+    assert set(lock["stages"]) == {"ingest", "validate", "featurize", "evaluate", "register", "package", "monitor",
                                    *(f"train@{m}" for m in models)}
     assert lock["stages"]["featurize"]["params"]["params.yaml"]["split"]["horizon_days"] == 273
 
@@ -79,7 +79,9 @@ def test_changing_one_model_reruns_only_its_branch(reproduced: Path) -> None:
     finally:
         (reproduced / "params.yaml").write_text(original)
     ran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train@historical", "evaluate", "register"}, rerun.stdout
+    # No other model retrains; package and monitor follow only if the registry record changed.
+    assert {"train@historical", "evaluate", "register"} <= ran <= {"train@historical", "evaluate", "register",
+                                                                   "package", "monitor"}, rerun.stdout
     run_in(reproduced, "dvc", "repro")  # back to the committed params
 
 

@@ -1,0 +1,167 @@
+"""Serving benchmark: batch scoring of 10^5 users, and the live service under 8 concurrent clients.
+
+Run from the project root after `make run` (it serves the Bento the package stage built):
+
+    python bench/serve.py [--seconds 30] [--clients 8] [--users 100000]
+
+Three servers are measured one after another, in one run, with the same client: a bare uvicorn
+ASGI app (the floor), a trivial BentoML service with the same input type (BentoML's own cost) and
+the real service answering single-user requests. The client runs on the same cores, so the
+figures are comparable with each other, not with a dedicated load generator. Targets (issue 4):
+p50 <= 10 ms, p99 <= 50 ms single-user; 10^5 users in batch <= 20 s. Figures are printed and
+written to bench/out/serve.json, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+BIN = Path(sys.executable).parent
+REQUEST = {
+    "events": [
+        {"user_id": "bench-user", "ts": "1997-02-03T10:00:00Z", "behavior": "buy", "amount": 31.5, "quantity": 2},
+        {"user_id": "bench-user", "ts": "1997-04-11T18:30:00Z", "behavior": "buy", "amount": 12.0},
+        {"user_id": "bench-user", "ts": "1997-07-20T09:00:00Z", "behavior": "buy", "amount": 48.9, "quantity": 3},
+    ],
+    "as_of": "1997-10-01T00:00:00Z",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(command: list[str], cwd: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{command} exited with {process.returncode}")
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/predict", json=REQUEST, timeout=5)
+            return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise SystemExit(f"{command} did not start")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+async def _load(url: str, clients: int, seconds: float) -> dict[str, float]:
+    import aiohttp
+
+    body = json.dumps(REQUEST).encode()
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+                await response.read()
+                if response.status != 200:
+                    errors += 1
+            latencies.append(time.perf_counter() - started)
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        began = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        elapsed = time.perf_counter() - began
+    ms = np.asarray(latencies) * 1e3
+    return {"requests": len(ms), "errors": errors, "rps": len(ms) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def bench_batch(users: int) -> dict[str, float]:
+    from uservalue.config import SyntheticSource, load_params
+    from uservalue.features import build_features
+    from uservalue.monitoring import default_as_of
+    from uservalue.registry import load_registered
+    from uservalue.serving import score_features
+    from uservalue.sources.synthetic import generate
+
+    events = OUT / "train_sequence" / f"events_u{users}_e100.parquet"  # bench/train_sequence.py's log, if there
+    if not events.is_file():
+        events = OUT / "serve" / f"events_u{users}.parquet"
+    if not events.is_file():
+        generate(SyntheticSource(users=users, events_per_user=100, seed=0), events, events.parent / f"truth_u{users}")
+    model, info = load_registered(load_params(ROOT / "params.yaml"), ROOT)
+    as_of = default_as_of(events)
+    started = time.perf_counter()
+    features = build_features(events, as_of, model.spec).to_pandas()
+    featurized = time.perf_counter()
+    scored = score_features(model, features)
+    done = time.perf_counter()
+    return {"users": len(scored), "model": info.model_type, "model_version": info.version,
+            "features_s": featurized - started, "predict_and_influence_s": done - featurized,
+            "total_s": done - started, "users_per_s": len(scored) / (done - started)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--users", type=int, default=100_000)
+    args = parser.parse_args()
+    if not (ROOT / "reports" / "package.json").is_file():
+        raise SystemExit("no built Bento: run `make run` first")
+
+    results: dict[str, object] = {"when": dt.datetime.now(dt.UTC).isoformat(), "cpus": os.cpu_count(),
+                                  "clients": args.clients, "seconds": args.seconds}
+    results["batch"] = bench_batch(args.users)
+    print(f"batch: {results['batch']}", flush=True)
+
+    servers = {
+        "bare_uvicorn": lambda port: _start([str(BIN / "uvicorn"), "hello_app:app", "--port", str(port),
+                                             "--log-level", "warning"], ROOT / "bench" / "serving", port),
+        "trivial_bentoml": lambda port: _start([str(BIN / "bentoml"), "serve", "trivial_service:Trivial",
+                                                "--host", "127.0.0.1", "--port", str(port)],
+                                               ROOT / "bench" / "serving", port, {"BENTOML_DO_NOT_TRACK": "true"}),
+        "uservalue_service": lambda port: _start([str(BIN / "uservalue"), "serve", "--port", str(port)], ROOT, port,
+                                                 {"USERVALUE_PREDICTION_LOG_DIR": str(OUT / "serve" / "prediction_log")}),
+    }
+    for name, start in servers.items():
+        port = _free_port()
+        process = start(port)
+        try:
+            results[name] = asyncio.run(_load(f"http://127.0.0.1:{port}/predict", args.clients, args.seconds))
+        finally:
+            _stop(process)
+        print(f"{name}: {results[name]}", flush=True)
+    service, trivial = results["uservalue_service"], results["trivial_bentoml"]
+    results["service_vs_trivial_bentoml"] = {"p50_ratio": service["p50_ms"] / trivial["p50_ms"],
+                                            "rps_ratio": service["rps"] / trivial["rps"]}
+    (OUT / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results["service_vs_trivial_bentoml"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The BentoML service: the registered champion behind HTTP.
+
+Thin on purpose: validation, features, scoring and the prediction log live in uservalue.serving,
+which batch scoring and the monitor use too. Built by the `package` stage (`bentoml build` with
+the exact model tag as a Bento argument) and started by `make serve`.
+
+Endpoints (JSON; errors are 4xx with {"error", "detail": [{"loc", "msg"}]}):
+  POST /predict    {"events": [...], "as_of"?: ISO time} -> {"predictions": [...]} for each user
+  POST /metadata   {} -> model name, version, run, training data hash and metrics
+  GET  /readyz /livez (BentoML's probes; open even when USERVALUE_API_KEY is set)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Annotated, Any
+
+import bentoml
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+from uservalue.serving import ApiKeyMiddleware, Event, RequestError
+
+
+class BentoArguments(BaseModel):
+    # The package stage passes the exact tag it imported; "latest" only serves a development run.
+    model_tag: str = "user-value:latest"
+
+
+ARGUMENTS = bentoml.use_arguments(BentoArguments)
+
+
+@bentoml.service(name="uservalue", traffic={"timeout": 60}, workers=1)
+class UserValueService:
+    # Declared at class scope so `bentoml build` packages the model (BentoML issues #4702, #5319).
+    bento_model = bentoml.models.BentoModel(ARGUMENTS.model_tag)
+
+    def __init__(self) -> None:
+        from uservalue.packaging import load_packaged_model
+        from uservalue.serving import PredictionLog, Scorer, serve_settings
+
+        settings, log_dir = serve_settings()
+        model, self.info, self.metadata_record = load_packaged_model(self.bento_model)
+        self.scorer = Scorer(model, self.info, max_events=settings.max_events, max_users=settings.max_users)
+        self.log = PredictionLog(log_dir, settings.log_flush_records, settings.log_flush_seconds)
+
+    @bentoml.api(route="/predict")
+    def predict(
+        self,
+        events: Annotated[list[Event], Field(min_length=1, description="recent events of one or many users")],
+        as_of: dt.datetime | None = None,
+    ) -> dict[str, Any]:
+        """p_buy, expected value over the horizon and behaviour influence for every user in `events`."""
+        started = time.time()
+        try:
+            as_of, scored = self.scorer.score(events, as_of)
+        except RequestError as error:
+            return JSONResponse(error.body(), status_code=error.status)  # type: ignore[return-value]
+        self.log.append(self.scorer.log_frame(scored, as_of, dt.datetime.fromtimestamp(started, dt.UTC)))
+        return {"as_of": as_of.isoformat(), "model": {"name": self.info.name, "version": self.info.version},
+                "predictions": self.scorer.response_rows(scored)}
+
+    @bentoml.api(route="/metadata")
+    def metadata(self) -> dict[str, Any]:
+        """The served model: registry name and version, MLflow run, training data hash, metrics."""
+        return self.metadata_record
+
+    @bentoml.on_shutdown
+    def close_log(self) -> None:
+        # Flush the buffered predictions: stopping the service must not lose records.
+        self.log.close()
+
+
+UserValueService.add_asgi_middleware(ApiKeyMiddleware)

@@ -1,0 +1,342 @@
+"""Online scoring: raw recent events of one or many users -> p_buy, expected_value and the
+behaviour influence, plus the prediction log the monitor reads.
+
+The BentoML service (service.py) is a thin HTTP layer over this module. Batch scoring
+(`uservalue score`) and the monitor call `score_events` too, so the service, the pipeline and
+the monitor share one feature function (uservalue.features.build_features) and one prediction
+function (uservalue.tracking.predict_with_influence): no train/serve skew.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import json
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from uservalue.config import ServeParams, load_params
+from uservalue.errors import UservalueError
+from uservalue.schema import EVENTS_SCHEMA
+
+PREDICTION_LOG_COLUMNS = ("request_time", "request_id", "as_of", "model_name", "model_version", "user_id",
+                          "p_buy", "expected_value", "horizon_days")
+# Health probes must work without the key (orchestrators probe them anonymously).
+OPEN_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """Times without an offset are UTC (the canonical event table's zone)."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _id_to_str(value: Any) -> Any:
+    # JSON clients send ids as numbers as often as strings; both name the same user or item.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Identifier = Annotated[str, BeforeValidator(_id_to_str), Field(min_length=1, max_length=256)]
+
+
+class Event(BaseModel):
+    """One behaviour event, as a client sends it (the canonical event table's columns)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Identifier
+    ts: dt.datetime = Field(description="ISO 8601 time; without an offset it is read as UTC")
+    behavior: str = Field(min_length=1, description="one of the model's behaviours, e.g. view, fav, cart, buy")
+    item_id: Annotated[str | None, BeforeValidator(_id_to_str)] = None
+    category_id: Annotated[str | None, BeforeValidator(_id_to_str)] = None
+    quantity: float = Field(1.0, ge=0, allow_inf_nan=False)
+    amount: float = Field(0.0, ge=0, allow_inf_nan=False, description="money spent (purchases)")
+
+    @field_validator("ts")
+    @classmethod
+    def _utc(cls, value: dt.datetime) -> dt.datetime:
+        return as_utc(value)
+
+
+class RequestError(UservalueError):
+    """A client mistake: an HTTP 4xx whose body names the field (`loc`) and the problem."""
+
+    def __init__(self, loc: Sequence[str | int], problem: str, status: int = 400) -> None:
+        self.loc = list(loc)
+        self.problem = problem
+        self.status = status
+        super().__init__(f"{'.'.join(map(str, self.loc))}: {problem}")
+
+    def body(self) -> dict[str, Any]:
+        # The same shape as BentoML's own validation errors, so clients parse one format.
+        return {"error": str(self), "detail": [{"loc": self.loc, "msg": self.problem}]}
+
+
+def events_table(events: Sequence[Event], behaviors: Sequence[str], max_events: int, max_users: int) -> pa.Table:
+    """Validated request events as a canonical events table (the feature function's input)."""
+    if not events:
+        raise RequestError(["events"], "must hold at least one event")
+    if len(events) > max_events:
+        raise RequestError(["events"], f"{len(events)} events; at most {max_events} per request", status=413)
+    known = set(behaviors)
+    for index, event in enumerate(events):
+        if event.behavior not in known:
+            raise RequestError(["events", index, "behavior"],
+                               f"unknown behaviour {event.behavior!r}; expected one of {list(behaviors)}")
+    users = {event.user_id for event in events}
+    if len(users) > max_users:
+        raise RequestError(["events"], f"{len(users)} users; at most {max_users} per request", status=413)
+    columns = {name: [getattr(event, name) for event in events] for name in EVENTS_SCHEMA.names}
+    return pa.table(columns, schema=EVENTS_SCHEMA)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a prediction is attributed to: the registry entry it came from."""
+
+    name: str
+    version: str
+    run_id: str = ""
+    model_type: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def score_features(model: Any, features: pd.DataFrame) -> pd.DataFrame:
+    """Predictions with influence shares, plus the aggregate features (the monitor watches them)."""
+    from uservalue.tracking import predict_with_influence
+
+    predictions = predict_with_influence(model, features)
+    aggregates = [c for c in model.spec.aggregate_columns() if c in features.columns]
+    return pd.concat([predictions.reset_index(drop=True), features[aggregates].reset_index(drop=True)], axis=1)
+
+
+def score_events(model: Any, events: str | Path | pa.Table | pd.DataFrame, as_of: dt.datetime,
+                 con: Any = None) -> pd.DataFrame:
+    """Score every user with an event before `as_of`: the batch, the service and the monitor use it."""
+    from uservalue.features import build_features
+
+    features = build_features(events, as_of, model.spec, con=con).to_pandas()
+    return score_features(model, features)
+
+
+class Scorer:
+    """A loaded model and one DuckDB connection, answering requests one at a time per worker."""
+
+    def __init__(self, model: Any, info: ModelInfo, max_events: int, max_users: int) -> None:
+        from uservalue import duck
+
+        self.model = model
+        self.info = info
+        self.max_events = max_events
+        self.max_users = max_users
+        self._root = duck.connect(memory_limit="1GB", threads=1)
+        # One cursor (DuckDB connection) per worker thread: requests run in parallel, each query
+        # single-threaded (requests are tiny; the worker already runs several at once).
+        self._local = threading.local()
+        self._warm_up()
+
+    def _connection(self) -> Any:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = self._root.cursor()
+        return con
+
+    def _warm_up(self) -> None:
+        # The first query and forward pass pay for lazy initialisation (about a second):
+        # pay it at start-up, not in a client's request.
+        now = dt.datetime.now(dt.UTC)
+        events = [Event(user_id="warm-up", ts=now - dt.timedelta(days=1), behavior=b) for b in self.model.spec.behaviors]
+        self.score(events, now)
+
+    def score(self, events: Sequence[Event], as_of: dt.datetime | None) -> tuple[dt.datetime, pd.DataFrame]:
+        as_of = as_utc(as_of) if as_of is not None else dt.datetime.now(dt.UTC)
+        table = events_table(events, self.model.spec.behaviors, self.max_events, self.max_users)
+        scored = score_events(self.model, table, as_of, con=self._connection())
+        missing = set(table.column("user_id").to_pylist()) - set(scored["user_id"])
+        if missing:
+            first = next(i for i, e in enumerate(events) if e.user_id in missing)
+            raise RequestError(["events", first, "ts"],
+                               f"user {events[first].user_id!r} has no event before as_of {as_of.isoformat()}",
+                               status=422)
+        return as_of, scored
+
+    def response_rows(self, scored: pd.DataFrame) -> list[dict[str, Any]]:
+        behaviors = self.model.spec.behaviors
+        rows = []
+        for record in scored.to_dict("records"):
+            rows.append({
+                "user_id": record["user_id"],
+                "p_buy": float(record["p_buy"]),
+                "expected_value": float(record["expected_value"]),
+                "horizon_days": int(self.model.horizon_days),
+                "model_version": self.info.version,
+                "influence": {b: float(record[f"influence_{b}"]) for b in behaviors},
+            })
+        return rows
+
+    def log_frame(self, scored: pd.DataFrame, as_of: dt.datetime, now: dt.datetime) -> pd.DataFrame:
+        frame = scored.copy()
+        frame.insert(0, "request_time", pd.Timestamp(now))
+        frame.insert(1, "request_id", uuid.uuid4().hex)
+        frame.insert(2, "as_of", pd.Timestamp(as_of))
+        frame.insert(3, "model_name", self.info.name)
+        frame.insert(4, "model_version", self.info.version)
+        frame["horizon_days"] = int(self.model.horizon_days)
+        return frame
+
+
+class PredictionLog:
+    """Append-only Parquet log of served predictions: `<dir>/date=YYYY-MM-DD/part-*.parquet`.
+
+    Requests only append to a buffer (microseconds); a background thread writes it out when it
+    holds `flush_records` rows or is `flush_seconds` old, and `close()` writes what is left, so a
+    stopping service loses nothing. Files rotate by day (the folder) and by size (one file per
+    flush, at most `flush_records` rows each). Each file is written under a temporary name and
+    renamed, so a reader never sees half a file.
+    """
+
+    def __init__(self, directory: str | Path, flush_records: int = 1000, flush_seconds: float = 5.0) -> None:
+        self.directory = Path(directory)
+        self.flush_records = flush_records
+        self.flush_seconds = flush_seconds
+        self._frames: list[pd.DataFrame] = []
+        self._rows = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._written = 0
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def append(self, frame: pd.DataFrame) -> None:
+        if self._closed.is_set():
+            raise RuntimeError("the prediction log is closed")
+        with self._lock:
+            self._frames.append(frame)
+            self._rows += len(frame)
+            full = self._rows >= self.flush_records
+        if full:
+            self._wake.set()
+
+    def flush(self) -> int:
+        with self._lock:
+            frames, self._frames, self._rows = self._frames, [], 0
+        if not frames:
+            return 0
+        data = pd.concat(frames, ignore_index=True)
+        days = data["request_time"].dt.strftime("%Y-%m-%d")
+        for day, part in data.groupby(days, sort=True):
+            for start in range(0, len(part), self.flush_records):
+                self._write(day, part.iloc[start:start + self.flush_records])
+        self._written += len(data)
+        return len(data)
+
+    def _write(self, day: str, part: pd.DataFrame) -> None:
+        folder = self.directory / f"date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.UTC).strftime("%H%M%S%f")
+        name = f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = folder / f".{name}.tmp"
+        part.to_parquet(tmp, index=False)
+        os.replace(tmp, folder / name)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            self.flush()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.flush()
+
+
+def read_prediction_log(directory: str | Path, since: dt.datetime | None = None,
+                        until: dt.datetime | None = None) -> pd.DataFrame:
+    """Every logged prediction with since <= request_time < until (all when not given)."""
+    directory = Path(directory)
+    files = sorted(directory.glob("date=*/part-*.parquet"))
+    if since is not None:
+        first_day = since.astimezone(dt.UTC).date().isoformat()
+        files = [f for f in files if f.parent.name.removeprefix("date=") >= first_day]
+    if not files:
+        return pd.DataFrame(columns=list(PREDICTION_LOG_COLUMNS))
+    data = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    if since is not None:
+        data = data[data["request_time"] >= pd.Timestamp(since)]
+    if until is not None:
+        data = data[data["request_time"] < pd.Timestamp(until)]
+    return data.sort_values("request_time", kind="stable").reset_index(drop=True)
+
+
+# --- deployment settings -------------------------------------------------------------------------
+
+ENV_OVERRIDES = {
+    "USERVALUE_MAX_USERS": "max_users",
+    "USERVALUE_MAX_EVENTS": "max_events",
+    "USERVALUE_PREDICTION_LOG_DIR": "log_dir",
+    "USERVALUE_LOG_FLUSH_RECORDS": "log_flush_records",
+    "USERVALUE_LOG_FLUSH_SECONDS": "log_flush_seconds",
+}
+
+
+def serve_settings(environ: dict[str, str] | None = None) -> tuple[ServeParams, Path]:
+    """The `serve` section of the project's params.yaml (USERVALUE_PROJECT_DIR, else the working
+    directory), each field overridable by its USERVALUE_* variable; relative paths are the project's."""
+    from uservalue.errors import ConfigError
+
+    environ = dict(os.environ if environ is None else environ)
+    project = Path(environ.get("USERVALUE_PROJECT_DIR", ".")).resolve()
+    params_file = Path(environ.get("USERVALUE_PARAMS", project / "params.yaml"))
+    base = load_params(params_file).serve if params_file.is_file() else ServeParams()
+    overrides = {field_name: environ[var] for var, field_name in ENV_OVERRIDES.items() if environ.get(var)}
+    try:
+        settings = ServeParams.model_validate({**base.model_dump(), **overrides})
+    except ValueError as error:
+        given = sorted(var for var in ENV_OVERRIDES if environ.get(var))
+        raise ConfigError(f"serve settings ({params_file} section serve, env {given}): {error}") from None
+    log_dir = Path(settings.log_dir)
+    return settings, log_dir if log_dir.is_absolute() else project / log_dir
+
+
+class ApiKeyMiddleware:
+    """ASGI middleware: with an API key configured, every request but the health probes needs
+    `Authorization: Bearer <key>` or `X-API-Key: <key>`; others get 401."""
+
+    def __init__(self, app: Any, key_env: str = "USERVALUE_API_KEY") -> None:
+        self.app = app
+        self.key = os.environ.get(key_env) or None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        offered = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if offered and hmac.compare_digest(offered.encode(), self.key.encode()):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"error": "missing or wrong API key",
+                           "detail": [{"loc": ["header", "Authorization"],
+                                       "msg": "send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"}]}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,137 @@
+"""The service's library side without a server: request validation, the prediction log, settings."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+
+from uservalue.errors import ConfigError
+from uservalue.schema import EVENTS_SCHEMA
+from uservalue.serving import (
+    Event,
+    PredictionLog,
+    RequestError,
+    events_table,
+    read_prediction_log,
+    serve_settings,
+)
+
+BEHAVIORS = ("view", "fav", "cart", "buy")
+
+
+def _event(**overrides) -> Event:
+    return Event.model_validate({"user_id": "u1", "ts": "1997-03-01T10:00:00Z", "behavior": "buy", **overrides})
+
+
+def test_event_reads_json_as_a_client_sends_it() -> None:
+    event = Event.model_validate({"user_id": 42, "ts": "1997-03-01T10:00:00", "behavior": "cart", "item_id": 7})
+    assert event.user_id == "42" and event.item_id == "7"
+    assert event.ts == dt.datetime(1997, 3, 1, 10, tzinfo=dt.UTC)  # no offset: UTC
+    assert event.quantity == 1.0 and event.amount == 0.0
+    shifted = _event(ts="1997-03-01T12:00:00+02:00")
+    assert shifted.ts == dt.datetime(1997, 3, 1, 10, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        ({"amount": -1.0}, "amount", "greater than or equal to 0"),
+        ({"amount": float("nan")}, "amount", "finite"),
+        ({"ts": "yesterday"}, "ts", "datetime"),
+        ({"user_id": ""}, "user_id", "at least 1"),
+        ({"colour": "red"}, "colour", "Extra inputs"),
+    ],
+)
+def test_event_errors_name_the_field(change: dict, field: str, problem: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        _event(**change)
+    error = caught.value.errors()[0]
+    assert error["loc"] == (field,) and problem in error["msg"]
+
+
+def test_events_table_is_the_canonical_table() -> None:
+    table = events_table([_event(), _event(user_id="u2", behavior="view", amount=0.0)], BEHAVIORS, 10, 10)
+    assert table.schema == EVENTS_SCHEMA and table.num_rows == 2
+    assert table.column("user_id").to_pylist() == ["u1", "u2"]
+
+
+def test_events_table_refuses_what_the_model_cannot_score() -> None:
+    with pytest.raises(RequestError) as unknown:
+        events_table([_event(), _event(behavior="click")], BEHAVIORS, 10, 10)
+    assert unknown.value.status == 400 and unknown.value.loc == ["events", 1, "behavior"]
+    assert "click" in unknown.value.problem and "view" in unknown.value.problem
+    with pytest.raises(RequestError) as too_many_events:
+        events_table([_event()] * 3, BEHAVIORS, max_events=2, max_users=10)
+    assert too_many_events.value.status == 413 and "at most 2" in too_many_events.value.problem
+    with pytest.raises(RequestError) as too_many_users:
+        events_table([_event(user_id=f"u{i}") for i in range(3)], BEHAVIORS, max_events=10, max_users=2)
+    assert too_many_users.value.status == 413 and "3 users" in too_many_users.value.problem
+    with pytest.raises(RequestError) as empty:
+        events_table([], BEHAVIORS, 10, 10)
+    assert empty.value.loc == ["events"]
+    body = unknown.value.body()
+    assert body["detail"] == [{"loc": ["events", 1, "behavior"], "msg": unknown.value.problem}]
+
+
+def _records(n: int, day: str, start: int = 0) -> pd.DataFrame:
+    times = pd.date_range(f"{day}T00:00:00Z", periods=n, freq="1min")
+    return pd.DataFrame({"request_time": times, "request_id": "r", "model_version": "3",
+                         "user_id": [f"u{start + i}" for i in range(n)], "p_buy": 0.5, "expected_value": 1.0})
+
+
+def test_prediction_log_writes_everything_on_close_and_rotates_by_day_and_size(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path / "log", flush_records=40, flush_seconds=3600)  # only size or close flush
+    log.append(_records(30, "2026-01-01"))
+    log.append(_records(30, "2026-01-02", start=30))
+    log.close()
+    assert log.written == 60
+    files = sorted((tmp_path / "log").glob("date=*/part-*.parquet"))
+    assert {f.parent.name for f in files} == {"date=2026-01-01", "date=2026-01-02"}
+    assert all(len(pd.read_parquet(f)) <= 40 for f in files)
+    back = read_prediction_log(tmp_path / "log")
+    assert sorted(back["user_id"]) == sorted(f"u{i}" for i in range(60))
+    since = read_prediction_log(tmp_path / "log", since=dt.datetime(2026, 1, 2, tzinfo=dt.UTC))
+    assert len(since) == 30 and since["user_id"].iloc[0] == "u30"
+    assert not list((tmp_path / "log").rglob(".*.tmp"))  # no half-written files left behind
+    with pytest.raises(RuntimeError):
+        log.append(_records(1, "2026-01-03"))
+
+
+def test_prediction_log_flushes_by_time_and_loses_nothing_under_concurrent_appends(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path / "log", flush_records=10_000, flush_seconds=0.05)
+    threads = [threading.Thread(target=lambda k=k: [log.append(_records(5, "2026-02-01", start=k * 500 + j * 5))
+                                                    for j in range(100)]) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    deadline = dt.datetime.now() + dt.timedelta(seconds=10)
+    while log.written < 2000 and dt.datetime.now() < deadline:  # the timer, not close(), writes these
+        threading.Event().wait(0.05)
+    assert log.written == 2000
+    log.close()
+    back = read_prediction_log(tmp_path / "log")
+    assert len(back) == 2000 and back["user_id"].is_unique
+
+
+def test_empty_log_reads_as_an_empty_frame(tmp_path: Path) -> None:
+    assert read_prediction_log(tmp_path / "nothing").empty
+
+
+def test_serve_settings_come_from_params_then_env(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(
+        "split: {eval_cutoff: '1997-10-01', horizon_days: 30, train_cutoffs: ['1997-07-01']}\n"
+        "serve: {max_users: 7, log_dir: logs/predictions}\n"
+    )
+    settings, log_dir = serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path)})
+    assert settings.max_users == 7 and log_dir == tmp_path / "logs/predictions"
+    settings, log_dir = serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path), "USERVALUE_MAX_USERS": "3",
+                                        "USERVALUE_PREDICTION_LOG_DIR": str(tmp_path / "elsewhere")})
+    assert settings.max_users == 3 and log_dir == tmp_path / "elsewhere"
+    with pytest.raises(ConfigError, match="USERVALUE_MAX_USERS"):
+        serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path), "USERVALUE_MAX_USERS": "many"})

@@ -1,0 +1,262 @@
+"""The packaged champion served by a real `bentoml serve`, called over HTTP; the monitor on its log.
+
+One small synthetic project runs the whole DVC pipeline (…, register, package, monitor), then
+`uservalue serve` (what `make serve` runs) starts the built Bento on a free port (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import yaml
+
+from tests.e2e.conftest import run_in, set_param, tool_env
+from uservalue.serving import read_prediction_log
+
+pytestmark = pytest.mark.slow
+
+EVAL_CUTOFF = "1998-01-01T00:00:00+00:00"
+MAX_USERS = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def project(make_project) -> Path:
+    root = make_project()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["source"] = "synthetic"
+    params["data"]["synthetic"].update(users=3000, events_per_user=60, seed=7)
+    params["split"] = {"eval_cutoff": "1998-01-01", "horizon_days": 120, "train_cutoffs": ["1997-09-03", "1997-11-02"]}
+    params["train"]["models"] = ["linear"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_in(root, "dvc", "repro")
+    return root
+
+
+class Server:
+    def __init__(self, project: Path, log_dir: Path, **env: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_dir = log_dir
+        environment = tool_env(USERVALUE_PREDICTION_LOG_DIR=str(log_dir), USERVALUE_MAX_USERS=str(MAX_USERS),
+                               **env)
+        if "USERVALUE_API_KEY" not in env:
+            environment.pop("USERVALUE_API_KEY", None)  # a key in the developer's shell must not leak in
+        self.output = open(log_dir.parent / f"serve-{self.port}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(["uservalue", "serve", "--port", str(self.port)], cwd=project,
+                                        env=environment, stdout=self.output, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, Path(self.output.name).read_text()
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"service not ready:\n{Path(self.output.name).read_text()}")
+
+    def post(self, path: str, body: object, **headers: str) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=60)
+
+    def stop(self) -> int:
+        # SIGTERM, as a process manager stops it: the service must flush its prediction log.
+        os.killpg(self.process.pid, signal.SIGTERM)
+        code = self.process.wait(timeout=60)
+        self.output.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # Flush only on shutdown (huge thresholds), so the test proves nothing is lost when stopping.
+    running = Server(project, tmp_path_factory.mktemp("served") / "prediction_log",
+                     USERVALUE_LOG_FLUSH_RECORDS="1000000", USERVALUE_LOG_FLUSH_SECONDS="3600")
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def _events_of(project: Path, users: list[str]) -> list[dict]:
+    events = pd.read_parquet(project / "data/validated.parquet")
+    rows = events[events["user_id"].isin(users)].copy()
+    rows["ts"] = rows["ts"].map(lambda t: t.isoformat())
+    return [{k: v for k, v in row.items() if v is not None and not pd.isna(v)} for row in rows.to_dict("records")]
+
+
+def _eval_users(project: Path, n: int, offset: int = 0) -> list[str]:
+    features = pd.read_parquet(project / "data/features/eval.parquet", columns=["user_id"])
+    return features["user_id"].iloc[offset::7].head(n).tolist()
+
+
+SERVED: dict[str, list[dict]] = {"rows": []}  # every prediction returned, to check the log against
+
+
+def _predict(server: Server, body: dict) -> httpx.Response:
+    response = server.post("/predict", body)
+    if response.status_code == 200:
+        SERVED["rows"] += response.json()["predictions"]
+    return response
+
+
+def test_health_probes_and_metadata(server: Server, project: Path) -> None:
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert httpx.get(f"{server.url}/livez").status_code == 200
+    meta = server.post("/metadata", {}).json()
+    registry = json.loads((project / "reports/registry.json").read_text())
+    package = json.loads((project / "reports/package.json").read_text())
+    assert meta["model_name"] == "user-value" and meta["model_version"] == registry["champion_version"]
+    assert meta["bento_model"] == package["bento_model"] and meta["model_type"] == "linear"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    features_md5 = next(o["md5"] for o in lock["stages"]["featurize"]["outs"] if o["path"] == "data/features")
+    assert meta["training_data"]["data/features"] == features_md5
+    assert set(meta["metrics"]) >= {"gini", "auc", "rmse"} and meta["horizon_days"] == 120
+
+
+def test_one_user(server: Server, project: Path) -> None:
+    user = _eval_users(project, 1)[0]
+    response = _predict(server, {"events": _events_of(project, [user]), "as_of": EVAL_CUTOFF})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["as_of"] == EVAL_CUTOFF and len(body["predictions"]) == 1
+    row = body["predictions"][0]
+    assert row["user_id"] == user and 0 <= row["p_buy"] <= 1 and row["expected_value"] >= 0
+    assert row["horizon_days"] == 120 and row["model_version"] == body["model"]["version"]
+    assert set(row["influence"]) == {"view", "fav", "cart", "buy"}
+    assert abs(sum(row["influence"].values()) - 1) < 1e-6
+
+
+def test_served_predictions_equal_the_pipeline_batch(server: Server, project: Path) -> None:
+    users = _eval_users(project, 40)
+    response = _predict(server, {"events": _events_of(project, users), "as_of": EVAL_CUTOFF})
+    assert response.status_code == 200, response.text
+    served = pd.DataFrame(response.json()["predictions"]).set_index("user_id").sort_index()
+    assert list(served.index) == sorted(users)
+    # The evaluate stage's predictions of the same model for the same users at the same cutoff.
+    champion = json.loads((project / "reports/metrics.json").read_text())["champion"]
+    batch = pd.read_parquet(project / "data/predictions/eval.parquet")
+    batch = batch[(batch["model"] == champion) & batch["user_id"].isin(users)].set_index("user_id").sort_index()
+    pd.testing.assert_series_equal(served["p_buy"], batch["p_buy"].astype(float), rtol=1e-6, check_names=False)
+    pd.testing.assert_series_equal(served["expected_value"], batch["expected_value"].astype(float), rtol=1e-6,
+                                   check_names=False)
+
+
+BAD_REQUESTS = {
+    "unknown behaviour": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "click"}]},
+                          400, ["events", 0, "behavior"]),
+    "negative amount": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "buy", "amount": -3}]},
+                        400, ["events", 0, "amount"]),
+    "bad timestamp": ({"events": [{"user_id": "a", "ts": "not a time", "behavior": "buy"}]},
+                      400, ["events", 0, "ts"]),
+    "missing field": ({"events": [{"user_id": "a", "behavior": "buy"}]}, 400, ["events", 0, "ts"]),
+    "empty list": ({"events": []}, 400, ["events"]),
+    "no events at all": ({"as_of": EVAL_CUTOFF}, 400, ["events"]),
+    "bad as_of": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "buy"}], "as_of": "soon"},
+                  400, ["as_of"]),
+    "no history before as_of": ({"events": [{"user_id": "a", "ts": "1999-03-01", "behavior": "buy"}],
+                                 "as_of": EVAL_CUTOFF}, 422, ["events", 0, "ts"]),
+    "too many users": ({"events": [{"user_id": f"u{i}", "ts": "1997-03-01", "behavior": "view"}
+                                   for i in range(MAX_USERS + 1)]}, 413, ["events"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_naming_the_field(server: Server, case: str) -> None:
+    body, status, loc = BAD_REQUESTS[case]
+    response = server.post("/predict", body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert any(item["loc"] == loc for item in detail), detail
+    assert all(item["msg"] for item in detail)
+
+
+def test_malformed_json_is_a_400_and_the_service_keeps_serving(server: Server, project: Path) -> None:
+    response = httpx.post(f"{server.url}/predict", content=b'{"events": [1, 2', timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.text
+    user = _eval_users(project, 1, offset=3)[0]
+    assert _predict(server, {"events": _events_of(project, [user]), "as_of": EVAL_CUTOFF}).status_code == 200
+
+
+def test_prediction_log_holds_what_was_served_after_shutdown(server: Server, project: Path) -> None:
+    # Enough rows for the monitor's log window (monitor.min_rows = 100).
+    for offset in range(1, 3):
+        users = _eval_users(project, MAX_USERS, offset=offset)
+        assert _predict(server, {"events": _events_of(project, users), "as_of": EVAL_CUTOFF}).status_code == 200
+    assert not list(server.log_dir.glob("date=*/part-*.parquet"))  # thresholds not reached: all buffered
+    assert server.stop() == 0
+    logged = read_prediction_log(server.log_dir)
+    served = pd.DataFrame(SERVED["rows"])
+    assert len(logged) == len(served) > 100
+    assert sorted(logged["user_id"]) == sorted(served["user_id"])
+    merged = logged.merge(served, on=["user_id", "p_buy"], how="inner")
+    assert len(merged) >= len(served)
+    assert (logged["model_version"] == served["model_version"].iloc[0]).all()
+    assert {"request_time", "as_of", "expected_value", "recency_days", "n_events"} <= set(logged.columns)
+
+
+def test_monitor_on_the_prediction_log(server: Server, project: Path) -> None:
+    assert server.process.poll() is not None  # the previous test stopped it and the log is on disk
+    done = run_in(project, "uservalue", "monitor", "--current", "log", "--log-dir", str(server.log_dir),
+                  "--out-dir", str(project / "monitor_log"))
+    latest = json.loads((project / "monitor_log/latest.json").read_text())
+    assert latest["current"]["source"] == "prediction_log" and latest["current"]["rows"] > 100
+    assert latest["reference"]["rows"] == len(pd.read_parquet(project / "data/features/eval.parquet"))
+    assert (project / "monitor_log" / latest["report"]).is_file()
+    assert "drift_detected=" in done.stderr
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run = mlflow.get_run(latest["mlflow_run_id"])
+    assert run.data.tags["stage"] == "monitor" and "drifted_share" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "monitoring")}
+    assert f"monitoring/{latest['report']}" in artifacts and "monitoring/latest.json" in artifacts
+
+
+@pytest.mark.parametrize(("drift", "flagged"), [(0.0, False), (1.0, True)])
+def test_monitor_flags_a_drifted_batch_and_exits_3(project: Path, drift: float, flagged: bool) -> None:
+    events = project / f"new_events_{drift}.parquet"
+    run_in(project, "uservalue", "generate", "--out", str(events), "--truth-dir", str(project / f"truth_{drift}"),
+           "--users", "3000", "--events-per-user", "60", "--seed", "11", "--drift", str(drift))
+    original = set_param(project, "monitor", "as_of", "1998-01-01")  # the reference's cutoff: same calendar
+    try:
+        done = run_in(project, "uservalue", "monitor", "--events", str(events), "--out-dir",
+                      str(project / f"monitor_{drift}"), "--fail-on-drift", check=False)
+    finally:
+        (project / "params.yaml").write_text(original)
+    latest = json.loads((project / f"monitor_{drift}/latest.json").read_text())
+    assert latest["drift_detected"] is flagged, latest["columns"]
+    assert done.returncode == (3 if flagged else 0), done.stderr
+    if flagged:
+        html = (project / f"monitor_{drift}" / latest["report"]).read_text()
+        assert latest["drifted_columns"] and all(column in html for column in latest["drifted_columns"])
+
+
+def test_api_key_is_required_when_set(project: Path, tmp_path: Path) -> None:
+    keyed = Server(project, tmp_path / "prediction_log", USERVALUE_API_KEY="s3cret-key")
+    try:
+        assert httpx.get(f"{keyed.url}/readyz").status_code == 200  # probes stay open
+        refused = keyed.post("/metadata", {})
+        assert refused.status_code == 401 and refused.json()["detail"][0]["loc"] == ["header", "Authorization"]
+        assert keyed.post("/metadata", {}, Authorization="Bearer wrong").status_code == 401
+        assert keyed.post("/metadata", {}, Authorization="Bearer s3cret-key").status_code == 200
+        assert keyed.post("/metadata", {}, **{"X-API-Key": "s3cret-key"}).status_code == 200
+    finally:
+        keyed.stop()
