@@ -19,6 +19,9 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", "pipelines", "src", "dags", "data/ra
 
 def tool_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    # A temporary project uses its own stores, whatever an earlier test left in this process.
+    for leaked in ("MLFLOW_TRACKING_URI", "BENTOML_HOME"):
+        env.pop(leaked, None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
     env.update(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.invalid",
                GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@example.invalid", **extra)
