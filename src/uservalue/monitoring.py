@@ -143,16 +143,15 @@ def run_monitor(params: Any, project_dir: str | Path, events: str | Path, featur
                       "rows": len(reference)},
         "current": current_meta,
     }
-    html = write_monitoring(snapshot, verdict, out_dir, now)
     tracking.configure(params.tracking, project_dir)
     with mlflow.start_run(run_name="monitor") as run:
+        verdict["mlflow_run_id"] = run.info.run_id
+        html = write_monitoring(snapshot, verdict, out_dir, now)
         mlflow.set_tags({"stage": "monitor", "model_version": info.version, "current_source": current_meta["source"],
                          "drift_detected": str(verdict["drift_detected"]).lower()})
         mlflow.log_metrics({"drift_detected": float(verdict["drift_detected"]),
                             "drifted_share": verdict["drifted_share"],
                             **{f"drift_{c}": row["score"] for c, row in verdict["columns"].items()}})
         mlflow.log_artifact(str(html), "monitoring")
-        mlflow.log_dict(verdict, "monitoring/latest.json")
-    verdict["mlflow_run_id"] = run.info.run_id
-    write_json(Path(out_dir) / "latest.json", {**verdict, "report": html.name, "created": now.isoformat()})
+        mlflow.log_artifact(str(Path(out_dir) / "latest.json"), "monitoring")
     return verdict

@@ -75,17 +75,10 @@ def load_packaged_model(bento_model: Any) -> tuple[Any, Any, dict[str, Any]]:
 def _champion(params: Params, project_dir: Path) -> tuple[Any, Any]:
     import mlflow
 
-    from uservalue import tracking
-    from uservalue.registry import current_alias
+    from uservalue.registry import registered_version
 
-    tracking.configure(params.tracking, project_dir)
-    client = mlflow.MlflowClient()
-    name, alias = params.register_.model_name, params.package.model_alias
-    version = current_alias(client, name, alias)
-    if version is None:
-        raise InputError(f"models:/{name}@{alias}", "no such registered model version",
-                         expected="a model promoted by the register stage")
-    return version, client.get_run(version.run_id)
+    version = registered_version(params, project_dir, params.package.model_alias)
+    return version, mlflow.MlflowClient().get_run(version.run_id)
 
 
 def _import_model(version: Any, run: Any, params: Params) -> Any:

@@ -148,19 +148,25 @@ def run_register(
     return record
 
 
+def registered_version(params: Params, project_dir: str | Path = ".", alias: str = CHAMPION) -> Any:
+    """The model version behind `models:/<register.model_name>@<alias>` (an error if there is none)."""
+    tracking.configure(params.tracking, project_dir)
+    name = params.register_.model_name
+    version = current_alias(mlflow.MlflowClient(), name, alias)
+    if version is None:
+        raise InputError(f"models:/{name}@{alias}", "no such registered model version",
+                         expected="a model promoted by the register stage")
+    return version
+
+
 def load_registered(params: Params, project_dir: str | Path = ".", alias: str = CHAMPION) -> tuple[Any, Any]:
     """(ValueModel, ModelInfo) of `models:/<register.model_name>@<alias>`, loaded directly from its
     artifact (the saved ValueModel inside the pyfunc), as the service loads it."""
     from uservalue.models import load_model
     from uservalue.serving import ModelInfo
 
-    tracking.configure(params.tracking, project_dir)
-    client = mlflow.MlflowClient()
+    version = registered_version(params, project_dir, alias)
     name = params.register_.model_name
-    version = current_alias(client, name, alias)
-    if version is None:
-        raise InputError(f"models:/{name}@{alias}", "no such registered model version",
-                         expected="a model promoted by the register stage")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
     model = load_model(local / "artifacts" / "model")
     return model, ModelInfo(name=name, version=str(version.version), run_id=version.run_id,
