@@ -12,8 +12,9 @@ PYTEST_ARGS ?=
 
 MLFLOW_PORT ?= 5000
 USERVALUE_PORT ?= 3000
+AIRFLOW_PORT ?= 8080
 
-.PHONY: install run test test-fast bench mlflow-ui serve clean help
+.PHONY: install run test test-fast bench mlflow-ui serve airflow clean help
 
 help:
 	@echo "make run        install, then dvc repro on the embedded default (CDNOW)"
@@ -22,6 +23,7 @@ help:
 	@echo "make bench      benchmarks (figures printed, never asserted)"
 	@echo "make mlflow-ui  the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (runs, metrics, registry)"
 	@echo "make serve      the built Bento (the champion) on http://127.0.0.1:$(USERVALUE_PORT)"
+	@echo "make airflow    Airflow (retrain + monitor DAGs) on http://127.0.0.1:$(AIRFLOW_PORT), home in .airflow/"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -47,6 +49,7 @@ bench: install
 	python bench/featurize.py
 	python bench/cdnow_quality.py
 	python bench/serve.py
+	python bench/dag_parse.py
 
 # The embedded default store (params tracking.uri: null): SQLite in the project, artifacts in ./mlartifacts.
 mlflow-ui: install
@@ -56,6 +59,11 @@ mlflow-ui: install
 # The Bento built by `make run` (stage package); USERVALUE_API_KEY=... makes it require a key.
 serve: install
 	uservalue serve --port $(USERVALUE_PORT)
+
+# Airflow standalone for this project: AIRFLOW_HOME=.airflow (git-ignored), SQLite, LocalExecutor,
+# parallelism 4, 127.0.0.1, no examples; the admin password is generated once into .airflow/.
+airflow: install
+	uservalue airflow --port $(AIRFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

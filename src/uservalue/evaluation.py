@@ -171,7 +171,7 @@ def run_evaluate(
             client.log_metric(run["run_id"], f"eval_{key}", value)
     with mlflow.start_run(run_name="evaluate"):
         mlflow.set_tags({"stage": "evaluate", "champion": champion, "git_commit": tracking.git_commit(project_dir),
-                         "dvc.data/features": report["features_md5"]})
+                         "dvc.data/features": report["features_md5"], **tracking.run_context_tags()})
         mlflow.log_metrics({f"{name}.{k}": v for name, row in evaluation.metrics.items() for k, v in row.items()})
         with tempfile.TemporaryDirectory() as pngs:  # images go to MLflow only; DVC plots the CSVs
             for path in _plot_pngs(evaluation, Path(pngs)):

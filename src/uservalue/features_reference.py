@@ -163,7 +163,7 @@ def _labels(events: pd.DataFrame, T: float, E: float, users: pd.Index) -> pd.Dat
 def build_features_pandas(
     events: pd.DataFrame,
     cutoff: dt.datetime,
-    spec: FeatureSpec = FeatureSpec(),
+    spec: FeatureSpec | None = None,
     label_end: dt.datetime | None = None,
 ) -> pd.DataFrame:
     """Feature rows at `cutoff` computed with pandas, sorted by user_id.
@@ -173,6 +173,7 @@ def build_features_pandas(
     pipeline. `events` is a canonical events frame (`uservalue.schema`); columns are the same as
     `build_features` returns, less `seq_category` and `seq_item` (see the module docstring).
     """
+    spec = spec or FeatureSpec()
     T = _epoch(cutoff)
     columns = ["user_id", "ts", "behavior", "item_id", "category_id", "amount"]
     events = events[columns].assign(t=lambda e: _epoch_seconds(e["ts"])).drop(columns="ts")

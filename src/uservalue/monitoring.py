@@ -148,7 +148,7 @@ def run_monitor(params: Any, project_dir: str | Path, events: str | Path, featur
         verdict["mlflow_run_id"] = run.info.run_id
         html = write_monitoring(snapshot, verdict, out_dir, now)
         mlflow.set_tags({"stage": "monitor", "model_version": info.version, "current_source": current_meta["source"],
-                         "drift_detected": str(verdict["drift_detected"]).lower()})
+                         "drift_detected": str(verdict["drift_detected"]).lower(), **tracking.run_context_tags()})
         mlflow.log_metrics({"drift_detected": float(verdict["drift_detected"]),
                             "drifted_share": verdict["drifted_share"],
                             **{f"drift_{c}": row["score"] for c, row in verdict["columns"].items()}})

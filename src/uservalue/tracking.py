@@ -55,6 +55,21 @@ def git_commit(project_dir: str | Path = ".") -> str:
         return "unknown"
 
 
+# Set by the Airflow task that runs a stage (uservalue.airflow_tasks): which run asked for it, and why.
+RUN_CONTEXT_ENV = {
+    "AIRFLOW_CTX_DAG_ID": "airflow.dag_id",
+    "AIRFLOW_CTX_DAG_RUN_ID": "airflow.dag_run_id",
+    "AIRFLOW_CTX_TASK_ID": "airflow.task_id",
+    "USERVALUE_RUN_REASON": "reason",
+}
+
+
+def run_context_tags(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MLflow tags naming the orchestrator run behind a stage (none when run by hand)."""
+    environ = os.environ if environ is None else environ
+    return {tag: environ[var][:5000] for var, tag in RUN_CONTEXT_ENV.items() if environ.get(var)}
+
+
 def dvc_output_hashes(project_dir: str | Path, stage: str) -> dict[str, str]:
     """The hashes DVC recorded for a stage's outputs (dvc.lock), e.g. the features a model saw."""
     lock = Path(project_dir) / "dvc.lock"

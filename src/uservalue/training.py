@@ -73,6 +73,7 @@ def train_model(
             "model": name,
             "git_commit": tracking.git_commit(project_dir),
             **{f"dvc.{path}": md5 for path, md5 in tracking.dvc_output_hashes(project_dir, "featurize").items()},
+            **tracking.run_context_tags(),
         })
         mlflow.log_params({
             **tracking.flatten(f"train.{name}", model.params.model_dump(mode="json")),

@@ -313,8 +313,8 @@ def validate_file(
 
 
 def _failure_message(events: str | Path, outcome: ValidationOutcome, report_dir: Path) -> str:
-    lines = [f"{events}: {len(outcome.failed)} expectation(s) failed (report: {report_dir}/summary.json, "
-             f"Data Docs: {report_dir}/data_docs/index.html)"]
+    lines = [(f"{events}: {len(outcome.failed)} expectation(s) failed (report: {report_dir}/summary.json, "
+              f"Data Docs: {report_dir}/data_docs/index.html)")]
     for failure in outcome.failed:
         count = f", {failure.unexpected_count} rows" if failure.unexpected_count is not None else ""
         lines.append(f"  - {failure.expectation}: observed {failure.observed!r}{count}"

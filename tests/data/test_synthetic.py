@@ -82,8 +82,8 @@ def test_drift_shifts_behaviour_mix_and_spend(tmp_path: Path) -> None:
     generate(base, tmp_path / "ref.parquet", tmp_path / "rt")
     generate(base.model_copy(update={"drift": 1.0}), tmp_path / "cur.parquet", tmp_path / "ct")
     reference, current = pd.read_parquet(tmp_path / "ref.parquet"), pd.read_parquet(tmp_path / "cur.parquet")
-    share = lambda f, b: (f["behavior"] == b).mean()  # noqa: E731
+    share = lambda f, b: (f["behavior"] == b).mean()
     assert share(current, "view") > share(reference, "view") + 0.03
     assert share(current, "cart") < 0.75 * share(reference, "cart")
-    spend = lambda f: f.loc[f["behavior"] == "buy", "amount"].mean()  # noqa: E731
+    spend = lambda f: f.loc[f["behavior"] == "buy", "amount"].mean()
     assert spend(current) > 1.5 * spend(reference)

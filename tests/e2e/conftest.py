@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,9 +29,16 @@ def tool_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_in(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
            timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(args, cwd=repo, env=env or tool_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(args, check=False, cwd=repo, env=env or tool_env(), capture_output=True, text=True,
+                          timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done
@@ -66,3 +74,16 @@ def set_param(repo: Path, section: str, key: str, value: object) -> str:
     params[section][key] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return original
+
+
+def use_synthetic_data(repo: Path, models: list[str], **synthetic: object) -> None:
+    """A small synthetic world (3000 users on CDNOW's calendar) instead of CDNOW, as a user would set it."""
+    import yaml
+
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["data"]["source"] = "synthetic"
+    params["data"]["synthetic"].update({"users": 3000, "events_per_user": 60, "seed": 7, **synthetic})
+    params["split"] = {"eval_cutoff": "1998-01-01", "horizon_days": 120, "train_cutoffs": ["1997-09-03", "1997-11-02"]}
+    params["train"]["models"] = models
+    path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.e2e.conftest import run_in, set_param, tool_env
+from tests.e2e.conftest import free_port, run_in, set_param, tool_env, use_synthetic_data
 from uservalue.serving import read_prediction_log
 
 pytestmark = pytest.mark.slow
@@ -29,28 +28,17 @@ EVAL_CUTOFF = "1998-01-01T00:00:00+00:00"
 MAX_USERS = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def project(make_project) -> Path:
     root = make_project()
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["source"] = "synthetic"
-    params["data"]["synthetic"].update(users=3000, events_per_user=60, seed=7)
-    params["split"] = {"eval_cutoff": "1998-01-01", "horizon_days": 120, "train_cutoffs": ["1997-09-03", "1997-11-02"]}
-    params["train"]["models"] = ["linear"]
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    use_synthetic_data(root, ["linear"])
     run_in(root, "dvc", "repro")
     return root
 
 
 class Server:
     def __init__(self, project: Path, log_dir: Path, **env: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_dir = log_dir
         environment = tool_env(USERVALUE_PREDICTION_LOG_DIR=str(log_dir), USERVALUE_MAX_USERS=str(MAX_USERS),

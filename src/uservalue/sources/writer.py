@@ -60,9 +60,8 @@ def sort_events_file(src: Path, dst: Path, *, memory_limit: str = "4GB") -> None
 def write_events_in_order(tables: Iterable[pa.Table], out: str | Path) -> int:
     """For producers that already emit batches sorted by user and time (the generator)."""
     rows = 0
-    with atomic_path(out) as tmp:
-        with pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
-            for table in tables:
-                writer.write_table(table.cast(EVENTS_SCHEMA), row_group_size=ROW_GROUP_ROWS)
-                rows += table.num_rows
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
+        for table in tables:
+            writer.write_table(table.cast(EVENTS_SCHEMA), row_group_size=ROW_GROUP_ROWS)
+            rows += table.num_rows
     return rows

@@ -1,0 +1,106 @@
+"""Airflow DAG `uservalue_retrain`: the DVC pipeline of the project, one task per stage."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import DAG, Param, get_current_context, task
+
+from uservalue.airflow_tasks import (
+    DVC_POOL,
+    overrides_from_conf,
+    retry_args,
+    run_stage,
+    run_uservalue,
+    uservalue_command,
+    wait_while_running,
+)
+
+MONITOR_DAG_ID = "uservalue_monitor"
+
+DOC_MD = """
+### uservalue_retrain
+
+Re-runs the project's DVC pipeline, one task per stage, in the project workspace
+(`USERVALUE_PROJECT_DIR`, else the Airflow Variable `uservalue_project_dir`, else the folder above
+`dags/`): **ingest → validate** (Great Expectations) **→ featurize → train** (one mapped task per
+model, `train@<model>`) **→ evaluate → register** (MLflow registry, gated promotion to
+`@champion`) **→ package** (BentoML model + Bento of the champion).
+
+Each task is `dvc repro --single-item <stage>`: DVC skips what is up to date (tick **force** to
+re-run anyway) and keeps `dvc.lock`. Stage tasks share the pool `uservalue_dvc` (one slot), so two
+DVC commands never run at once in the workspace, this DAG's or `uservalue_monitor`'s.
+
+**Trigger DAG w/ config**: every field is optional; a filled one overrides params.yaml for this run
+only (the workspace's params.yaml is unchanged afterwards; `dvc.lock` records what was used).
+A validation failure is final (no retry): the validate task's log lists the failed expectations
+and links the report in `reports/validation/`. The previous champion and Bento stay in place
+whenever a run fails or the new model does not pass the registry's gate.
+"""
+
+with DAG(
+    dag_id="uservalue_retrain",
+    description="Retrain: DVC stages ingest -> validate -> featurize -> train@<model> -> evaluate -> register -> package",
+    doc_md=DOC_MD,
+    schedule=None,  # triggered: from the UI, the REST API or uservalue_monitor on drift
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    params={
+        "data_source": Param(None, type=["null", "string"], enum=[None, "cdnow", "taobao", "synthetic", "file"],
+                             title="Data source", description="data.source: where ingest reads events"),
+        "data_path": Param(None, type=["null", "string"], title="Data path",
+                           description="data.path: the file read by the taobao and file sources (under data/raw/)"),
+        "eval_cutoff": Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$", title="Evaluation cutoff",
+                             description="split.eval_cutoff (YYYY-MM-DD): models are scored on what follows it"),
+        "models": Param(None, type=["null", "array"], items={"type": "string"}, title="Models to train",
+                        description="train.models, e.g. linear, mlp, sequence (empty: params.yaml's list)"),
+        "params": Param({}, type="object", title="Other params",
+                        description='any params.yaml value by dotted key, as `dvc exp run -S`: {"split.horizon_days": 90}'),
+        "force": Param(False, type="boolean", title="Force",
+                       description="re-run every stage even if DVC finds it up to date"),
+        "reason": Param("manual", type="string", title="Reason",
+                        description="why this retrain runs (uservalue_monitor fills it in); tagged on the MLflow runs"),
+    },
+    tags=["uservalue", "dvc", "mlflow", "bentoml", "retrain"],
+) as dag:
+
+    @task(retries=0)
+    def plan() -> list[str]:
+        """Check the conf's overrides against params.yaml; the models to train (no retry: bad conf is final).
+
+        Waits first for a running uservalue_monitor run to end (it may still be re-ingesting data).
+        """
+        import json
+
+        wait_while_running(MONITOR_DAG_ID)
+        context = get_current_context()
+        params = context["params"]
+        print(f"reason: {params.get('reason')}")
+        output = run_uservalue(uservalue_command("plan", overrides=overrides_from_conf(params)), context)
+        checked = json.loads(output)
+        print(f"overrides: {checked['overrides']}; models: {checked['models']}")
+        return checked["models"]
+
+    def stage_task(stage: str, retries: int):
+        @task(task_id=stage, pool=DVC_POOL, **retry_args(retries))
+        def _run() -> None:
+            run_stage(stage)
+
+        return _run()
+
+    @task(pool=DVC_POOL, map_index_template="{{ model_name }}", **retry_args(1))
+    def train(model: str) -> None:
+        """dvc repro --single-item train@<model> (one mapped task per model)."""
+        get_current_context()["model_name"] = model  # shown as the map index in the UI
+        run_stage(f"train@{model}")
+
+    models = plan()
+    # Retries: reading a source or the tracking store can fail transiently; a validation failure cannot.
+    ingest = stage_task("ingest", retries=2)
+    validate = stage_task("validate", retries=0)
+    featurize = stage_task("featurize", retries=1)
+    trained = train.expand(model=models)
+    evaluate = stage_task("evaluate", retries=1)
+    register = stage_task("register", retries=2)
+    package = stage_task("package", retries=1)
+    models >> ingest >> validate >> featurize >> trained >> evaluate >> register >> package

@@ -1,0 +1,5 @@
+"""`python -m uservalue`: the CLI with this interpreter (what Airflow tasks run)."""
+
+from uservalue.cli import app
+
+app(prog_name="uservalue")

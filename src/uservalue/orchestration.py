@@ -1,0 +1,225 @@
+"""Run one DVC stage of the project with temporary parameter overrides (what an Airflow task does).
+
+A retrain triggered from the Airflow UI may change a few params (data source, evaluation cutoff,
+models, ...). DVC only sees parameters through params.yaml, so for the duration of one stage the
+overrides are written into params.yaml and the original text is put back afterwards, whatever
+happens. A copy of the original waits in `.dvc/tmp` while the stage runs: if the process is killed
+mid-stage, the next stage run restores it before anything else. A file lock keeps two stage runs
+from interleaving in one workspace (DVC's own repository lock would make the second one fail).
+
+Exit codes follow the CLI's: the stage command's own code when DVC reports one (2 = bad input or
+configuration, final), 1 otherwise. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uservalue.config import Params, parse_params
+from uservalue.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+BACKUP_NAME = "uservalue-params-before-overrides.yaml"
+LOCK_NAME = "uservalue-stage.lock"
+# DVC reports a failed stage command as "... failed to run: <cmd>, exited with <code>".
+_STAGE_EXIT = re.compile(r"exited with (-?\d+)")
+
+
+def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
+    """["train.models=[linear, mlp]", "split.horizon_days=90"] -> {dotted key: YAML value} (as `dvc exp run -S`)."""
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {assignment!r}: expected <section.key>=<value>, e.g. split.horizon_days=90")
+        try:
+            overrides[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({error})") from None
+    return overrides
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any], source: str = PARAMS_FILE) -> dict[str, Any]:
+    """A deep copy of the params with each dotted key replaced; a key params.yaml lacks is an error."""
+    out = yaml.safe_load(yaml.safe_dump(dict(raw)))  # deep copy of plain YAML data
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        target = out
+        walked: list[str] = []
+        for part in parents:
+            walked.append(part)
+            if not isinstance(target.get(part), dict):
+                raise ConfigError(f"override {dotted!r}: {source} has no section {'.'.join(walked)!r}")
+            target = target[part]
+        if leaf not in target:
+            known = ", ".join(sorted(map(str, target))) or "none"
+            raise ConfigError(f"override {dotted!r}: {source} has no key {leaf!r} there (known: {known})")
+        target[leaf] = value
+    return out
+
+
+def effective_params(project_dir: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], Params]:
+    """params.yaml with the overrides applied, checked by the same models every stage uses."""
+    path = project_dir / PARAMS_FILE
+    try:
+        raw = yaml.safe_load(_original_params_text(project_dir)) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    merged = apply_overrides(raw, overrides, str(path))
+    label = f"{path} with overrides {sorted(overrides)}" if overrides else str(path)
+    return merged, parse_params(merged, label)
+
+
+def stage_targets(stage: str, params: Params) -> list[str]:
+    """The dvc.yaml stage names behind one pipeline step: `train` is one stage per model."""
+    if stage == "train":
+        return [f"train@{name}" for name in params.train.models]
+    return [stage]
+
+
+def _tmp_dir(project_dir: Path) -> Path:
+    path = project_dir / ".dvc" / "tmp"
+    if not (project_dir / ".dvc").is_dir():
+        raise ConfigError(f"{project_dir}: not a DVC project (no .dvc directory); run `dvc init` there first")
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _original_params_text(project_dir: Path) -> str:
+    """params.yaml as the user left it (the backup if a killed stage run left overrides in place)."""
+    backup = project_dir / ".dvc" / "tmp" / BACKUP_NAME
+    path = project_dir / PARAMS_FILE
+    if backup.is_file():
+        return backup.read_text()
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file does not exist")
+    return path.read_text()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def restore_params(project_dir: Path) -> bool:
+    """Put back params.yaml from a leftover backup; True if there was one."""
+    backup = project_dir / ".dvc" / "tmp" / BACKUP_NAME
+    if not backup.is_file():
+        return False
+    _replace_text(project_dir / PARAMS_FILE, backup.read_text())
+    backup.unlink()
+    return True
+
+
+@contextmanager
+def workspace_lock(project_dir: Path, wait_message: str = "") -> Iterator[None]:
+    """One stage run at a time in a workspace (held across override, dvc repro and restore)."""
+    with open(_tmp_dir(project_dir) / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait_message:
+                print(wait_message, file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def overridden_params(project_dir: Path, overrides: Mapping[str, Any]) -> Iterator[None]:
+    """params.yaml holds the overrides inside the block and its original text after it."""
+    if not overrides:
+        yield
+        return
+    merged, _ = effective_params(project_dir, overrides)
+    path = project_dir / PARAMS_FILE
+    backup = _tmp_dir(project_dir) / BACKUP_NAME
+    _replace_text(backup, path.read_text())
+    try:
+        _replace_text(path, yaml.safe_dump(merged, sort_keys=False))
+        yield
+    finally:
+        restore_params(project_dir)
+
+
+@dataclass(frozen=True)
+class StageRun:
+    targets: list[str]
+    exit_code: int
+    seconds: float
+
+
+def _child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    env = dict(environ)
+    # `python` in dvc.yaml commands must be this interpreter (the environment that has uservalue).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def _run_streaming(command: list[str], cwd: Path, env: Mapping[str, str]) -> tuple[int, int | None]:
+    """Run, copying output line by line (so Airflow's log shows it live); (exit code, stage's own code)."""
+    stage_code: int | None = None
+    with subprocess.Popen(command, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if "failed to reproduce" in line and (match := _STAGE_EXIT.search(line)):
+                stage_code = int(match.group(1))
+        return process.wait(), stage_code
+
+
+def run_stage(project_dir: Path, stage: str, overrides: Mapping[str, Any] | None = None, *, force: bool = False,
+              environ: Mapping[str, str] | None = None) -> StageRun:
+    """`dvc repro --single-item` each target of `stage` (e.g. `validate`, `train`, `train@mlp`) under overrides."""
+    project_dir = project_dir.resolve()
+    overrides = dict(overrides or {})
+    start = time.perf_counter()
+    with workspace_lock(project_dir, f"waiting for another stage run in {project_dir} to finish"):
+        if restore_params(project_dir):
+            print(f"restored {PARAMS_FILE} left with overrides by an interrupted stage run", file=sys.stderr)
+        _, params = effective_params(project_dir, overrides)  # bad overrides fail here, before DVC runs
+        targets = [stage] if "@" in stage else stage_targets(stage, params)
+        code = 0
+        with overridden_params(project_dir, overrides):
+            for target in targets:
+                command = [sys.executable, "-m", "dvc", "repro", "--single-item", target]
+                if force:
+                    command.append("--force")
+                print(f"$ dvc repro --single-item {target}{' --force' if force else ''}  (in {project_dir}"
+                      + (f"; overrides {overrides}" if overrides else "") + ")", flush=True)
+                exit_code, stage_code = _run_streaming(command, project_dir, _child_env(environ or os.environ))
+                if exit_code != 0:
+                    code = stage_code if stage_code not in (None, 0) else 1
+                    break
+    return StageRun(targets=targets, exit_code=code, seconds=time.perf_counter() - start)
+
+
+def plan(project_dir: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a retrain with these overrides would run: checked params, the models and their train stages."""
+    _, params = effective_params(project_dir.resolve(), dict(overrides or {}))
+    return {
+        "overrides": dict(overrides or {}),
+        "models": list(params.train.models),
+        "train_stages": stage_targets("train", params),
+        "data_source": params.data.source,
+        "eval_cutoff": str(params.split.eval_cutoff),
+    }
