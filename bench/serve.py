@@ -1,8 +1,8 @@
-"""Serving benchmark: batch scoring of 10^5 users, and the live service under 8 concurrent clients.
+"""Serving benchmark: batch scoring of 10^5 users, and the live service with 1 and 8 concurrent clients.
 
 Run from the project root after `make run` (it serves the Bento the package stage built):
 
-    python bench/serve.py [--seconds 30] [--clients 8] [--users 100000]
+    python bench/serve.py [--seconds 30] [--clients 1 8] [--users 100000]
 
 Three servers are measured one after another, in one run, with the same client: a bare uvicorn
 ASGI app (the floor), a trivial BentoML service with the same input type (BentoML's own cost) and
@@ -128,7 +128,8 @@ def bench_batch(users: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8],
+                        help="concurrent clients; one load run per value (1 = latency without queueing)")
     parser.add_argument("--users", type=int, default=100_000)
     args = parser.parse_args()
     if not (ROOT / "reports" / "package.json").is_file():
@@ -152,12 +153,15 @@ def main() -> None:
         port = _free_port()
         process = start(port)
         try:
-            results[name] = asyncio.run(_load(f"http://127.0.0.1:{port}/predict", args.clients, args.seconds))
+            results[name] = {f"{clients}_clients": asyncio.run(_load(f"http://127.0.0.1:{port}/predict", clients,
+                                                                     args.seconds))
+                             for clients in args.clients}
         finally:
             _stop(process)
         print(f"{name}: {results[name]}", flush=True)
-    service, trivial = results["uservalue_service"], results["trivial_bentoml"]
-    results["service_vs_trivial_bentoml"] = {"p50_ratio": service["p50_ms"] / trivial["p50_ms"],
+    loaded = f"{max(args.clients)}_clients"
+    service, trivial = results["uservalue_service"][loaded], results["trivial_bentoml"][loaded]
+    results["service_vs_trivial_bentoml"] = {"clients": max(args.clients), "p50_ratio": service["p50_ms"] / trivial["p50_ms"],
                                             "rps_ratio": service["rps"] / trivial["rps"]}
     (OUT / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["service_vs_trivial_bentoml"]))

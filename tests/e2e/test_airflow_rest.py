@@ -36,8 +36,11 @@ class Standalone:
         self.url = f"http://127.0.0.1:{self.port}"
         self.output = open(project.parent / f"airflow-{self.port}.log", "w")  # noqa: SIM115
         env = tool_env()
-        for name in [n for n in env if n.startswith("AIRFLOW")]:  # only what `make airflow` sets
+        for name in [n for n in env if n.startswith("AIRFLOW")]:  # only what `make airflow` sets...
             del env[name]
+        # ...except the internal log servers' ports (8793/8794), which another Airflow here may hold.
+        env.update(AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
+                   AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()))
         self.process = subprocess.Popen(["uservalue", "airflow", "--port", str(self.port)], cwd=project, env=env,
                                         stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 240
