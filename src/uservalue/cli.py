@@ -78,19 +78,13 @@ def _counting(progress: Progress, description: str, tables: Iterable[Any], total
 
 def _load(params: Path, overrides: dict[str, Any] | None = None):
     from uservalue.config import load_params, parse_params
+    from uservalue.orchestration import apply_overrides
 
     loaded = load_params(params)
-    if not overrides:
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if not given:
         return loaded
-    raw = loaded.model_dump(mode="json", by_alias=True)
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        section, *rest = dotted.split(".")
-        target = raw.setdefault(section, {})
-        for key in rest[:-1]:
-            target = target.setdefault(key, {})
-        target[rest[-1]] = value
+    raw = apply_overrides(loaded.model_dump(mode="json", by_alias=True), given, str(params))
     return parse_params(raw, f"{params} (with command-line overrides)")
 
 

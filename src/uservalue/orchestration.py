@@ -142,12 +142,14 @@ def workspace_lock(project_dir: Path, wait_message: str = "") -> Iterator[None]:
 
 
 @contextmanager
-def overridden_params(project_dir: Path, overrides: Mapping[str, Any]) -> Iterator[None]:
-    """params.yaml holds the overrides inside the block and its original text after it."""
-    if not overrides:
+def overridden_params(project_dir: Path, merged: Mapping[str, Any] | None) -> Iterator[None]:
+    """params.yaml holds `merged` (effective_params' first value) inside the block, its original text after it.
+
+    None: nothing to override, params.yaml is left alone.
+    """
+    if merged is None:
         yield
         return
-    merged, _ = effective_params(project_dir, overrides)
     path = project_dir / PARAMS_FILE
     backup = _tmp_dir(project_dir) / BACKUP_NAME
     _replace_text(backup, path.read_text())
@@ -196,10 +198,10 @@ def run_stage(project_dir: Path, stage: str, overrides: Mapping[str, Any] | None
     with workspace_lock(project_dir, f"waiting for another stage run in {project_dir} to finish"):
         if restore_params(project_dir):
             print(f"restored {PARAMS_FILE} left with overrides by an interrupted stage run", file=sys.stderr)
-        _, params = effective_params(project_dir, overrides)  # bad overrides fail here, before DVC runs
+        merged, params = effective_params(project_dir, overrides)  # bad overrides fail here, before DVC runs
         targets = [stage] if "@" in stage else stage_targets(stage, params)
         code = 0
-        with overridden_params(project_dir, overrides):
+        with overridden_params(project_dir, merged if overrides else None):
             for target in targets:
                 command = [sys.executable, "-m", "dvc", "repro", "--single-item", target]
                 if force:

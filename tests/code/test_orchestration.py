@@ -87,7 +87,8 @@ def test_override_values_are_checked_like_params_yaml(project: Path) -> None:
 
 def test_params_file_is_restored_even_when_the_block_fails(project: Path) -> None:
     before = (project / "params.yaml").read_text()
-    with pytest.raises(RuntimeError), overridden_params(project, {"toy.value": 2}):
+    merged, _ = effective_params(project, {"toy.value": 2})
+    with pytest.raises(RuntimeError), overridden_params(project, merged):
         assert yaml.safe_load((project / "params.yaml").read_text())["toy"]["value"] == 2
         raise RuntimeError("stage crashed")
     assert (project / "params.yaml").read_text() == before
