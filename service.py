@@ -13,7 +13,6 @@ Endpoints (JSON; errors are 4xx with {"error", "detail": [{"loc", "msg"}]}):
 from __future__ import annotations
 
 import datetime as dt
-import time
 from typing import Annotated, Any
 
 import bentoml
@@ -38,28 +37,28 @@ class UserValueService:
 
     def __init__(self) -> None:
         from uservalue.packaging import load_packaged_model
-        from uservalue.serving import PredictionLog, Scorer, serve_settings
+        from uservalue.serving import BatchingPredictor, PredictionLog, Scorer, serve_settings
 
         settings, log_dir = serve_settings()
         model, self.info, self.metadata_record = load_packaged_model(self.bento_model)
-        self.scorer = Scorer(model, self.info, max_events=settings.max_events, max_users=settings.max_users)
-        self.log = PredictionLog(log_dir, settings.log_flush_records, settings.log_flush_seconds)
+        scorer = Scorer(model, self.info, max_events=settings.max_events, max_users=settings.max_users)
+        # Concurrent requests are scored together (see BatchingPredictor): one feature query and
+        # one forward pass per batch instead of per request.
+        self.predictor = BatchingPredictor(
+            scorer, PredictionLog(log_dir, settings.log_flush_records, settings.log_flush_seconds),
+            max_wait_ms=settings.batch_wait_ms)
 
     @bentoml.api(route="/predict")
-    def predict(
+    async def predict(
         self,
         events: Annotated[list[Event], Field(min_length=1, description="recent events of one or many users")],
         as_of: dt.datetime | None = None,
     ) -> dict[str, Any]:
         """p_buy, expected value over the horizon and behaviour influence for every user in `events`."""
-        started = time.time()
         try:
-            as_of, scored = self.scorer.score(events, as_of)
+            return await self.predictor.predict(events, as_of)
         except RequestError as error:
             return JSONResponse(error.body(), status_code=error.status)  # type: ignore[return-value]
-        self.log.append(self.scorer.log_frame(scored, as_of, dt.datetime.fromtimestamp(started, dt.UTC)))
-        return {"as_of": as_of.isoformat(), "model": {"name": self.info.name, "version": self.info.version},
-                "predictions": self.scorer.response_rows(scored)}
 
     @bentoml.api(route="/metadata")
     def metadata(self) -> dict[str, Any]:
@@ -68,8 +67,9 @@ class UserValueService:
 
     @bentoml.on_shutdown
     def close_log(self) -> None:
-        # Flush the buffered predictions: stopping the service must not lose records.
-        self.log.close()
+        # Finish the batch in flight and flush the buffered predictions: stopping the service
+        # must not lose records.
+        self.predictor.close()
 
 
 UserValueService.add_asgi_middleware(ApiKeyMiddleware)

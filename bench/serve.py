@@ -125,20 +125,27 @@ def bench_batch(users: int) -> dict[str, float]:
             "total_s": done - started, "users_per_s": len(scored) / (done - started)}
 
 
+SERVERS = ("bare_uvicorn", "trivial_bentoml", "uservalue_service")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8],
                         help="concurrent clients; one load run per value (1 = latency without queueing)")
     parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS),
+                        help="which servers to load (the comparison needs trivial_bentoml and uservalue_service)")
+    parser.add_argument("--no-batch", action="store_true", help="skip the 10^5-user batch scoring")
     args = parser.parse_args()
     if not (ROOT / "reports" / "package.json").is_file():
         raise SystemExit("no built Bento: run `make run` first")
 
     results: dict[str, object] = {"when": dt.datetime.now(dt.UTC).isoformat(), "cpus": os.cpu_count(),
                                   "clients": args.clients, "seconds": args.seconds}
-    results["batch"] = bench_batch(args.users)
-    print(f"batch: {results['batch']}", flush=True)
+    if not args.no_batch:
+        results["batch"] = bench_batch(args.users)
+        print(f"batch: {results['batch']}", flush=True)
 
     servers = {
         "bare_uvicorn": lambda port: _start([str(BIN / "uvicorn"), "hello_app:app", "--port", str(port),
@@ -150,6 +157,8 @@ def main() -> None:
                                                  {"USERVALUE_PREDICTION_LOG_DIR": str(OUT / "serve" / "prediction_log")}),
     }
     for name, start in servers.items():
+        if name not in args.servers:
+            continue
         port = _free_port()
         process = start(port)
         try:
@@ -160,11 +169,13 @@ def main() -> None:
             _stop(process)
         print(f"{name}: {results[name]}", flush=True)
     loaded = f"{max(args.clients)}_clients"
-    service, trivial = results["uservalue_service"][loaded], results["trivial_bentoml"][loaded]
-    results["service_vs_trivial_bentoml"] = {"clients": max(args.clients), "p50_ratio": service["p50_ms"] / trivial["p50_ms"],
-                                            "rps_ratio": service["rps"] / trivial["rps"]}
+    if "uservalue_service" in results and "trivial_bentoml" in results:
+        service, trivial = results["uservalue_service"][loaded], results["trivial_bentoml"][loaded]
+        results["service_vs_trivial_bentoml"] = {"clients": max(args.clients),
+                                                "p50_ratio": service["p50_ms"] / trivial["p50_ms"],
+                                                "rps_ratio": service["rps"] / trivial["rps"]}
+        print(json.dumps(results["service_vs_trivial_bentoml"]))
     (OUT / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["service_vs_trivial_bentoml"]))
 
 
 if __name__ == "__main__":

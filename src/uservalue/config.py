@@ -273,6 +273,10 @@ class ServeParams(_Section):
     log_dir: str = Field("data/prediction_log", description="prediction log (Parquet, one folder per day)")
     log_flush_records: int = Field(1000, ge=1, description="records buffered before a log file is written")
     log_flush_seconds: float = Field(5.0, gt=0, description="longest a record waits in the buffer")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000,
+        description="under load, how long a batch may wait for as many requests as the previous one held "
+                    "(0: never wait; a lone request never waits)")
 
 
 class MonitorParams(_Section):

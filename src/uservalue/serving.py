@@ -9,6 +9,7 @@ function (uservalue.tracking.predict_with_influence): no train/serve skew.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hmac
 import json
@@ -16,11 +17,14 @@ import os
 import sys
 import threading
 import uuid
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -31,6 +35,10 @@ from uservalue.schema import EVENTS_SCHEMA
 
 PREDICTION_LOG_COLUMNS = ("request_time", "request_id", "as_of", "model_name", "model_version", "user_id",
                           "p_buy", "expected_value", "horizon_days")
+# Batched requests' users are featurized as "<request>\x1f<user id>", so that the same user id in
+# two requests of one batch stays two users (each with its own events); the key is stripped again
+# before the model sees the id.
+KEY_SEPARATOR = "\x1f"
 # Health probes must work without the key (orchestrators probe them anonymously).
 OPEN_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
 
@@ -83,8 +91,8 @@ class RequestError(UservalueError):
         return {"error": str(self), "detail": [{"loc": self.loc, "msg": self.problem}]}
 
 
-def events_table(events: Sequence[Event], behaviors: Sequence[str], max_events: int, max_users: int) -> pa.Table:
-    """Validated request events as a canonical events table (the feature function's input)."""
+def validate_events(events: Sequence[Event], behaviors: Sequence[str], max_events: int, max_users: int) -> set[str]:
+    """The request's users, or a RequestError naming what the model cannot score."""
     if not events:
         raise RequestError(["events"], "must hold at least one event")
     if len(events) > max_events:
@@ -97,8 +105,22 @@ def events_table(events: Sequence[Event], behaviors: Sequence[str], max_events: 
     users = {event.user_id for event in events}
     if len(users) > max_users:
         raise RequestError(["events"], f"{len(users)} users; at most {max_users} per request", status=413)
-    columns = {name: [getattr(event, name) for event in events] for name in EVENTS_SCHEMA.names}
+    return users
+
+
+def _table(requests: Sequence[Sequence[Event]], keys: Sequence[str] | None = None) -> pa.Table:
+    """Events as the canonical events table; with `keys`, each user id is prefixed by its request's key."""
+    columns = {name: [getattr(e, name) for events in requests for e in events] for name in EVENTS_SCHEMA.names}
+    if keys is not None:
+        columns["user_id"] = [f"{key}{KEY_SEPARATOR}{e.user_id}" for key, events in zip(keys, requests, strict=True)
+                              for e in events]
     return pa.table(columns, schema=EVENTS_SCHEMA)
+
+
+def events_table(events: Sequence[Event], behaviors: Sequence[str], max_events: int, max_users: int) -> pa.Table:
+    """Validated request events as a canonical events table (the feature function's input)."""
+    validate_events(events, behaviors, max_events, max_users)
+    return _table([events])
 
 
 @dataclass(frozen=True)
@@ -130,8 +152,30 @@ def score_events(model: Any, events: str | Path | pa.Table | pd.DataFrame, as_of
     return score_features(model, features)
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One validated /predict call, waiting to be scored (alone or in a batch)."""
+
+    events: Sequence[Event]
+    users: frozenset[str]
+    as_of: dt.datetime | None  # None: the time its batch is scored
+    received: dt.datetime
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class ScoredBatch:
+    """What one feature query and one forward pass gave a batch of requests."""
+
+    requests: Sequence[ScoreRequest]
+    as_of: list[dt.datetime]  # per request
+    scored: pd.DataFrame  # one row per answered user: score_features' columns
+    request: np.ndarray  # per row of `scored`: the position of its request in `requests`
+    errors: dict[int, RequestError]  # per failed request position: its client error (no rows in `scored`)
+
+
 class Scorer:
-    """A loaded model and one DuckDB connection, answering requests one at a time per worker."""
+    """A loaded model and a DuckDB connection per thread: requests in, scored users out."""
 
     def __init__(self, model: Any, info: ModelInfo, max_events: int, max_users: int) -> None:
         from uservalue import duck
@@ -140,14 +184,12 @@ class Scorer:
         self.info = info
         self.max_events = max_events
         self.max_users = max_users
-        # A request is a few users: intra-op threads only add hand-off costs. Requests run in
-        # parallel instead, each query and forward pass on one thread (measured on 2 cores: the
+        # A batch is a few users: intra-op threads only add hand-off costs (measured on 2 cores: the
         # MLP's predict + attribution of one user 33 ms with torch's default threads, 13 ms with one).
         self._root = duck.connect(memory_limit="1GB", threads=1)
         if "torch" in sys.modules:  # a torch model is loaded; never import torch just for this
             sys.modules["torch"].set_num_threads(1)
-        # One cursor (DuckDB connection) per worker thread: requests run in parallel, each query
-        # single-threaded (requests are tiny; the worker already runs several at once).
+        # One cursor (DuckDB connection) per thread that scores.
         self._local = threading.local()
         self._warm_up()
 
@@ -164,17 +206,57 @@ class Scorer:
         events = [Event(user_id="warm-up", ts=now - dt.timedelta(days=1), behavior=b) for b in self.model.spec.behaviors]
         self.score(events, now)
 
+    def prepare(self, events: Sequence[Event], as_of: dt.datetime | None,
+                received: dt.datetime | None = None) -> ScoreRequest:
+        """Validate one request (a RequestError names what is wrong) before it joins a batch."""
+        users = validate_events(events, self.model.spec.behaviors, self.max_events, self.max_users)
+        return ScoreRequest(events=events, users=frozenset(users), as_of=None if as_of is None else as_utc(as_of),
+                            received=received or dt.datetime.now(dt.UTC))
+
+    def score_batch(self, requests: Sequence[ScoreRequest]) -> ScoredBatch:
+        """Score several requests with one feature query per distinct as_of and one model call.
+
+        Each request's users get exactly the rows they would get alone: features are computed per
+        (request, user) and the model scores rows independently."""
+        from uservalue.features import build_features
+
+        now = dt.datetime.now(dt.UTC)
+        as_of = [r.as_of or now for r in requests]
+        frames = []
+        for cutoff in dict.fromkeys(as_of):  # distinct, in order
+            members = [i for i, c in enumerate(as_of) if c == cutoff]
+            table = _table([requests[i].events for i in members], keys=[str(i) for i in members])
+            frames.append(build_features(table, cutoff, self.model.spec, con=self._connection()).to_pandas())
+        features = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+        keys = features["user_id"].str.split(KEY_SEPARATOR, n=1, expand=True)
+        position = keys[0].astype(np.int64).to_numpy() if len(features) else np.zeros(0, dtype=np.int64)
+        features["user_id"] = keys[1] if len(features) else features["user_id"]
+        errors: dict[int, RequestError] = {}
+        answered = set(zip(position.tolist(), features["user_id"], strict=True))
+        for i, request in enumerate(requests):
+            missing = {u for u in request.users if (i, u) not in answered}
+            if missing:
+                first = next(k for k, e in enumerate(request.events) if e.user_id in missing)
+                errors[i] = RequestError(
+                    ["events", first, "ts"],
+                    f"user {request.events[first].user_id!r} has no event before as_of {as_of[i].isoformat()}",
+                    status=422)
+        if errors:  # a failed request is answered by its error alone: drop its other users too
+            keep = ~np.isin(position, list(errors))
+            features, position = features[keep].reset_index(drop=True), position[keep]
+        if len(features):
+            scored = score_features(self.model, features)
+        else:  # every request failed: nothing to score
+            scored = pd.DataFrame(columns=["user_id", "p_buy", "expected_value",
+                                           *(f"influence_{b}" for b in self.model.spec.behaviors)])
+        return ScoredBatch(requests, as_of, scored, position, errors)
+
     def score(self, events: Sequence[Event], as_of: dt.datetime | None) -> tuple[dt.datetime, pd.DataFrame]:
-        as_of = as_utc(as_of) if as_of is not None else dt.datetime.now(dt.UTC)
-        table = events_table(events, self.model.spec.behaviors, self.max_events, self.max_users)
-        scored = score_events(self.model, table, as_of, con=self._connection())
-        missing = set(table.column("user_id").to_pylist()) - set(scored["user_id"])
-        if missing:
-            first = next(i for i, e in enumerate(events) if e.user_id in missing)
-            raise RequestError(["events", first, "ts"],
-                               f"user {events[first].user_id!r} has no event before as_of {as_of.isoformat()}",
-                               status=422)
-        return as_of, scored
+        """One request, scored alone: (its as_of, one row per user); a RequestError if it fails."""
+        batch = self.score_batch([self.prepare(events, as_of)])
+        if batch.errors:
+            raise batch.errors[0]
+        return batch.as_of[0], batch.scored
 
     def response_rows(self, scored: pd.DataFrame) -> list[dict[str, Any]]:
         behaviors = self.model.spec.behaviors
@@ -192,15 +274,139 @@ class Scorer:
             })
         return rows
 
-    def log_frame(self, scored: pd.DataFrame, as_of: dt.datetime, now: dt.datetime) -> pd.DataFrame:
-        frame = scored.copy()
-        frame.insert(0, "request_time", pd.Timestamp(now))
-        frame.insert(1, "request_id", uuid.uuid4().hex)
-        frame.insert(2, "as_of", pd.Timestamp(as_of))
+    def answers(self, batch: ScoredBatch) -> list[dict[str, Any] | RequestError]:
+        """Each request's response body, or its client error."""
+        rows = self.response_rows(batch.scored)
+        per_request: dict[int, list[dict[str, Any]]] = {}
+        for position, row in zip(batch.request.tolist(), rows, strict=True):
+            per_request.setdefault(position, []).append(row)
+        model = {"name": self.info.name, "version": self.info.version}
+        return [batch.errors[i] if i in batch.errors else
+                {"as_of": batch.as_of[i].isoformat(), "model": model, "predictions": per_request.get(i, [])}
+                for i in range(len(batch.requests))]
+
+    def log_frame(self, batch: ScoredBatch) -> pd.DataFrame:
+        """The prediction log's rows for a batch: each answered user with its request's time and id."""
+        requests = batch.requests
+        frame = batch.scored.copy()
+        frame.insert(0, "request_time", pd.to_datetime([requests[i].received for i in batch.request], utc=True))
+        frame.insert(1, "request_id", [requests[i].request_id for i in batch.request])
+        frame.insert(2, "as_of", pd.to_datetime([batch.as_of[i] for i in batch.request], utc=True))
         frame.insert(3, "model_name", self.info.name)
         frame.insert(4, "model_version", self.info.version)
         frame["horizon_days"] = int(self.model.horizon_days)
         return frame
+
+
+class BatchingPredictor:
+    """The service's request path: requests that arrive while a batch is being scored wait, and
+    are scored together next, with one feature query and one forward pass.
+
+    This amortises the fixed cost of a query (about 15 ms in DuckDB's planner, whatever the number
+    of users) over every request that queued meanwhile. A lone request is scored at once. Under
+    load, a batch waits up to `max_wait_ms` for as many requests as the previous batch held: the
+    clients just answered need a moment to send their next request, and without the wait a steady
+    load of N clients splits into a batch of 1 and a batch of N-1, paying the fixed cost twice.
+    A batch holds at most `max_users` users and `max_events` events (the per-request limits);
+    scoring runs on one thread beside the event loop, which keeps accepting requests.
+    """
+
+    def __init__(self, scorer: Scorer, log: PredictionLog, max_wait_ms: float = 5.0) -> None:
+        self.scorer = scorer
+        self.log = log
+        self.max_wait = max_wait_ms / 1000
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uservalue-scorer")
+        self._queue: deque[tuple[ScoreRequest, asyncio.Future[Any]]] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._drainer: asyncio.Task[None] | None = None
+        self._expected = 1  # requests the next batch waits for: the previous batch's size
+        self.batches = 0
+        self.largest_batch = 0
+
+    async def predict(self, events: Sequence[Event], as_of: dt.datetime | None) -> dict[str, Any]:
+        """The response body for one /predict call; raises RequestError for a client mistake."""
+        request = self.scorer.prepare(events, as_of)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((request, answer))
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        self._arrived.set()
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        return await answer
+
+    async def _gather(self) -> None:
+        """Wait (at most max_wait) until as many requests queue as the previous batch held."""
+        assert self._arrived is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(self._queue) < self._expected:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _next_batch(self) -> list[tuple[ScoreRequest, asyncio.Future[Any]]]:
+        batch = [self._queue.popleft()]
+        users, events = len(batch[0][0].users), len(batch[0][0].events)
+        while self._queue:
+            request = self._queue[0][0]
+            users += len(request.users)
+            events += len(request.events)
+            if users > self.scorer.max_users or events > self.scorer.max_events:
+                break
+            batch.append(self._queue.popleft())
+        return batch
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            if self.max_wait > 0 and len(self._queue) < self._expected:
+                await self._gather()
+            batch = self._next_batch()
+            self._expected = len(batch)
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
+            try:
+                answers = await loop.run_in_executor(self._executor, self._answer, [r for r, _ in batch])
+            except Exception as error:  # noqa: BLE001 - handed to every caller of the batch (their 500)
+                answers = [error] * len(batch)
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if future.done():  # the client went away
+                    continue
+                if isinstance(answer, BaseException):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+
+    def _answer(self, requests: list[ScoreRequest]) -> list[Any]:
+        try:
+            batch = self.scorer.score_batch(requests)
+        except Exception:
+            if len(requests) == 1:
+                raise
+            # Something failed that validation did not catch: score each request alone, so one
+            # request's problem fails that request only.
+            return [self._answer_one(r) for r in requests]
+        if len(batch.scored):
+            self.log.append(self.scorer.log_frame(batch))
+        return self.scorer.answers(batch)
+
+    def _answer_one(self, request: ScoreRequest) -> Any:
+        try:
+            return self._answer([request])[0]
+        except Exception as error:  # noqa: BLE001 - handed to this request's caller (its 500)
+            return error
+
+    def close(self) -> None:
+        """Finish the batch in flight, then flush the prediction log."""
+        self._executor.shutdown(wait=True)
+        self.log.close()
 
 
 class PredictionLog:
@@ -303,6 +509,7 @@ ENV_OVERRIDES = {
     "USERVALUE_PREDICTION_LOG_DIR": "log_dir",
     "USERVALUE_LOG_FLUSH_RECORDS": "log_flush_records",
     "USERVALUE_LOG_FLUSH_SECONDS": "log_flush_seconds",
+    "USERVALUE_BATCH_WAIT_MS": "batch_wait_ms",
 }
 
 

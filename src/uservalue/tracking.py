@@ -103,12 +103,7 @@ class UserValuePyfunc(mlflow.pyfunc.PythonModel):
 
 def predict_with_influence(model: Any, features: pd.DataFrame) -> pd.DataFrame:
     """[user_id, p_buy, expected_value, influence_<behaviour>...]: what every consumer reads."""
-    features = from_model_input(features)
-    predictions = model.predict(features)
-    shares = model.attribute(features)
-    for behavior in model.spec.behaviors:
-        predictions[f"influence_{behavior}"] = shares[behavior].to_numpy(dtype="float64")
-    return predictions
+    return model.predict_with_influence(from_model_input(features))
 
 
 def to_model_input(features: pd.DataFrame) -> pd.DataFrame:

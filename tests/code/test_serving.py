@@ -135,3 +135,8 @@ def test_serve_settings_come_from_params_then_env(tmp_path: Path) -> None:
     assert settings.max_users == 3 and log_dir == tmp_path / "elsewhere"
     with pytest.raises(ConfigError, match="USERVALUE_MAX_USERS"):
         serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path), "USERVALUE_MAX_USERS": "many"})
+    assert settings.batch_wait_ms == 5.0
+    settings, _ = serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path), "USERVALUE_BATCH_WAIT_MS": "0"})
+    assert settings.batch_wait_ms == 0.0
+    with pytest.raises(ConfigError, match="batch_wait_ms"):
+        serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path), "USERVALUE_BATCH_WAIT_MS": "-1"})

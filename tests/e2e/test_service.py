@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -143,6 +144,32 @@ def test_served_predictions_equal_the_pipeline_batch(server: Server, project: Pa
     pd.testing.assert_series_equal(served["p_buy"], batch["p_buy"].astype(float), rtol=1e-6, check_names=False)
     pd.testing.assert_series_equal(served["expected_value"], batch["expected_value"].astype(float), rtol=1e-6,
                                    check_names=False)
+
+
+def test_concurrent_requests_are_each_answered_as_if_alone(server: Server, project: Path) -> None:
+    """Concurrent requests are scored in batches (one feature query, one forward pass): each must
+    still get its own users' predictions, also when two requests name the same user id with
+    different events."""
+    users = _eval_users(project, 12, offset=5)
+    bodies = [{"events": _events_of(project, [user]), "as_of": EVAL_CUTOFF} for user in users]
+    full = _events_of(project, [users[0]])
+    bodies.append({"events": full[: max(1, len(full) // 2)], "as_of": EVAL_CUTOFF})  # users[0] again, less history
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        responses = list(pool.map(lambda body: server.post("/predict", body), bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    for response in responses:
+        SERVED["rows"] += response.json()["predictions"]
+    answered = [r.json()["predictions"] for r in responses]
+    assert [rows[0]["user_id"] for rows in answered] == [*users, users[0]] and all(len(a) == 1 for a in answered)
+    champion = json.loads((project / "reports/metrics.json").read_text())["champion"]
+    batch = pd.read_parquet(project / "data/predictions/eval.parquet")
+    batch = batch[batch["model"] == champion].set_index("user_id")
+    for rows in answered[:-1]:
+        expected = batch.loc[rows[0]["user_id"]]
+        assert rows[0]["p_buy"] == pytest.approx(float(expected["p_buy"]), rel=1e-6)
+        assert rows[0]["expected_value"] == pytest.approx(float(expected["expected_value"]), rel=1e-6)
+    if len(full) > 1:  # with half the history, the same user id is a different user
+        assert answered[-1][0]["expected_value"] != pytest.approx(answered[0][0]["expected_value"], rel=1e-6)
 
 
 BAD_REQUESTS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 import numpy as np
@@ -10,7 +11,17 @@ import pytest
 
 from uservalue.models import create_model
 from uservalue.models.base import FitContext
-from uservalue.serving import Event, ModelInfo, RequestError, Scorer, score_events, score_features
+from uservalue.serving import (
+    BatchingPredictor,
+    Event,
+    ModelInfo,
+    PredictionLog,
+    RequestError,
+    Scorer,
+    read_prediction_log,
+    score_events,
+    score_features,
+)
 
 # Two models with different feature paths: aggregates only, and sequences with occlusion influence.
 SERVED = {"linear": {}, "sequence": {"max_epochs": 1}}
@@ -54,8 +65,10 @@ def test_served_prediction_equals_the_pipeline_batch(served_model, synthetic_fea
     assert rows[0]["model_version"] == "7" and rows[0]["horizon_days"] == synthetic_features.horizon_days
     assert set(rows[0]["influence"]) == set(served_model.spec.behaviors)
     assert abs(sum(rows[0]["influence"].values()) - 1) < 1e-6 or sum(rows[0]["influence"].values()) == 0
-    logged = scorer.log_frame(served, as_of, dt.datetime.now(dt.UTC))
+    request = scorer.prepare(_request_events(events, users), cutoff)
+    logged = scorer.log_frame(scorer.score_batch([request]))
     assert {"request_time", "model_version", "user_id", "p_buy", "expected_value", "recency_days"} <= set(logged)
+    assert logged["user_id"].tolist() == sorted(users) and set(logged["request_id"]) == {request.request_id}
 
 
 def test_a_user_without_history_before_as_of_is_a_client_error(served_model) -> None:
@@ -65,3 +78,53 @@ def test_a_user_without_history_before_as_of_is_a_client_error(served_model) -> 
     with pytest.raises(RequestError) as caught:
         scorer.score([early, late], dt.datetime(1998, 1, 1, tzinfo=dt.UTC))
     assert caught.value.status == 422 and caught.value.loc == ["events", 1, "ts"] and "'late'" in caught.value.problem
+
+
+def _history(user: str, shift_days: int, behavior: str = "buy") -> list[Event]:
+    first = dt.datetime(1997, 3, 1, tzinfo=dt.UTC) + dt.timedelta(days=shift_days)
+    return [Event(user_id=user, ts=first, behavior=behavior, amount=10.0 + shift_days),
+            Event(user_id=user, ts=first + dt.timedelta(days=40), behavior="buy", amount=25.0)]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_what_it_gets_alone(served_model, tmp_path) -> None:
+    """The service's batching: one query and one forward pass for requests that queue together,
+    each answered exactly as if alone, even when two requests name the same user id with different
+    events or ask about different times; a failing request fails alone."""
+    scorer = Scorer(served_model, ModelInfo(name="user-value", version="2"), max_events=1000, max_users=50)
+    behaviors = served_model.spec.behaviors
+    as_of = dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
+    bodies = [(_history("same", 3 * i, behaviors[i % len(behaviors)]) + _history(f"own-{i}", i), as_of)
+              for i in range(6)]
+    bodies.append((_history("same", 1), dt.datetime(1998, 2, 1, tzinfo=dt.UTC)))  # another as_of
+    late = [Event(user_id="late", ts=dt.datetime(2030, 1, 1, tzinfo=dt.UTC), behavior="buy", amount=1.0)]
+    log = PredictionLog(tmp_path / "log", flush_records=10_000, flush_seconds=3600)
+    predictor = BatchingPredictor(scorer, log)
+
+    async def together() -> list:
+        return await asyncio.gather(*(predictor.predict(events, when) for events, when in bodies),
+                                    predictor.predict(late, as_of), return_exceptions=True)
+
+    *answers, failed = asyncio.run(together())
+    assert predictor.largest_batch > 1  # the first call starts a batch; the others queue behind it
+    assert isinstance(failed, RequestError) and failed.status == 422 and "'late'" in failed.problem
+    for (events, when), answer in zip(bodies, answers, strict=True):
+        alone_as_of, alone = scorer.score(events, when)
+        assert answer["as_of"] == alone_as_of.isoformat()
+        assert [p["user_id"] for p in answer["predictions"]] == alone["user_id"].tolist()
+        for served, expected in zip(answer["predictions"], alone.to_dict("records"), strict=True):
+            assert served["p_buy"] == pytest.approx(expected["p_buy"], rel=1e-5, abs=1e-9)
+            assert served["expected_value"] == pytest.approx(expected["expected_value"], rel=1e-5, abs=1e-9)
+            for b in behaviors:
+                assert served["influence"][b] == pytest.approx(expected[f"influence_{b}"], rel=1e-5, abs=1e-6)
+    # The same user id in different requests, with different events, gets different answers.
+    same = {a["predictions"][-1]["expected_value"] for a in answers[:6]}
+    assert len(same) > 1
+    # A request without as_of is scored at the time of its batch.
+    now_answer = asyncio.run(predictor.predict(_history("now", 0), None))
+    assert abs(dt.datetime.fromisoformat(now_answer["as_of"]) - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=1)
+
+    predictor.close()
+    logged = read_prediction_log(tmp_path / "log")
+    # Every answered user once per request, under its request's id; nothing of the failed one.
+    assert len(logged) == sum(len(a["predictions"]) for a in answers) + 1
+    assert logged["request_id"].nunique() == len(answers) + 1 and "late" not in set(logged["user_id"])

@@ -156,6 +156,16 @@ class ValueModel(ABC):
             frame[b] = 1.0 if b == PURCHASE else 0.0
         return frame
 
+    def predict_with_influence(self, features: pd.DataFrame) -> pd.DataFrame:
+        """[user_id, p_buy, expected_value, influence_<behaviour>...] in one call: what the service,
+        batch scoring and the monitor read. Models whose attribution reuses the prediction's
+        work (the deep models) override it to prepare their inputs once."""
+        predictions = self.predict(features)
+        shares = self.attribute(features)
+        for behavior in self.spec.behaviors:
+            predictions[f"influence_{behavior}"] = shares[behavior].to_numpy(dtype="float64")
+        return predictions
+
     # -- persistence -------------------------------------------------------------------------
     @abstractmethod
     def _save_state(self, directory: Path) -> None: ...

@@ -427,6 +427,20 @@ class TorchValueModel(ValueModel):
             value[index.numpy()] = ev.double().cpu().numpy()
         return self._frame(features, p_buy, value)
 
+    def predict_with_influence(self, features: pd.DataFrame) -> pd.DataFrame:
+        # One tensor conversion and one forward pass of the full input serve both the prediction
+        # and the occlusion baseline (the service pays both on every request).
+        data = self.tensors(features, labels=False)
+        raw = np.empty((len(data), 3))
+        phi, counts = self._occlusion(data, outputs=raw)
+        # float32 outputs (exact through the float64 buffer): the same numbers as predict().
+        p_buy, value = ziln.predict(torch.from_numpy(raw.astype(np.float32)), self.horizon_days)
+        predictions = self._frame(features, p_buy.double().numpy(), value.double().numpy())
+        shares = self._shares(phi, counts)
+        for i, behavior in enumerate(self.spec.behaviors):
+            predictions[f"influence_{behavior}"] = shares[:, i]
+        return predictions
+
     # -- behaviour attribution ------------------------------------------------------------------
     def _players(self, data: FeatureTensors) -> list[int]:
         """Behaviours (index into spec.behaviors) that occur anywhere in `data`."""
@@ -480,25 +494,32 @@ class TorchValueModel(ValueModel):
         out["agg"] = agg
         return out
 
-    def _occlusion(self, data: FeatureTensors, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _occlusion(self, data: FeatureTensors, rows: np.ndarray | None = None,
+                   outputs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per row and behaviour: f(user) - f(user without any event of that behaviour), where f is
-        the predicted log expected value; and each row's event count per behaviour."""
+        the predicted log expected value; and each row's event count per behaviour. `outputs`
+        ([rows, 3]), when given, receives the network's raw output for the full input."""
         subset = data if rows is None else _take(data, rows)
         players = self._players(subset)
         plan = self._removal_plan()
-        delta = np.zeros((len(subset), len(self.spec.behaviors)))
+        n_behaviors = len(self.spec.behaviors)
+        delta = np.zeros((len(subset), n_behaviors))
 
         def effects(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            full = ziln.log_expected_value(self._raw(batch), self.horizon_days).double()
-            out = torch.zeros((full.shape[0], len(self.spec.behaviors)), dtype=torch.float64, device=full.device)
+            raw = self._raw(batch)
+            full = ziln.log_expected_value(raw, self.horizon_days).double()
+            out = torch.zeros((full.shape[0], n_behaviors), dtype=torch.float64, device=full.device)
             for player in players:
                 without = ziln.log_expected_value(self._raw(self._without(batch, [player], plan)), self.horizon_days)
                 out[:, player] = full - without.double()
-            return out
+            return torch.cat([out, raw.double()], dim=1)
 
-        if players:
+        if players or outputs is not None:
             for index, values in self._outputs(subset, effects):
-                delta[index.numpy()] = values.cpu().numpy()
+                values = values.cpu().numpy()
+                delta[index.numpy()] = values[:, :n_behaviors]
+                if outputs is not None:
+                    outputs[index.numpy()] = values[:, n_behaviors:]
         counts = self._event_counts(subset)
         delta[counts == 0] = 0.0  # removing nothing changes nothing
         return delta, counts
@@ -525,17 +546,20 @@ class TorchValueModel(ValueModel):
     def influence(self) -> dict[str, float] | None:
         return None if self._influence is None else dict(self._influence)
 
-    def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
-        data = self.tensors(features, labels=False)
-        phi, counts = self._occlusion(data)
+    @staticmethod
+    def _shares(phi: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Occlusion effects as per-row shares that sum to 1."""
         magnitude = np.abs(phi)
         total = magnitude.sum(axis=1, keepdims=True)
         # Nothing moves the prediction: share equally among the behaviours the user has.
         has = (counts > 0).astype(np.float64)
         fallback = np.where(has.sum(axis=1, keepdims=True) > 0, has, 1.0)
         fallback = fallback / fallback.sum(axis=1, keepdims=True)
-        shares = np.where(total > 0, magnitude / np.where(total > 0, total, 1.0), fallback)
-        frame = pd.DataFrame(shares, columns=list(self.spec.behaviors))
+        return np.where(total > 0, magnitude / np.where(total > 0, total, 1.0), fallback)
+
+    def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
+        data = self.tensors(features, labels=False)
+        frame = pd.DataFrame(self._shares(*self._occlusion(data)), columns=list(self.spec.behaviors))
         frame.insert(0, "user_id", features["user_id"].astype(str).to_numpy())
         return frame
 
