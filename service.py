@@ -7,6 +7,7 @@ the exact model tag as a Bento argument) and started by `make serve`.
 Endpoints (JSON; errors are 4xx with {"error", "detail": [{"loc", "msg"}]}):
   POST /predict    {"events": [...], "as_of"?: ISO time} -> {"predictions": [...]} for each user
   POST /metadata   {} -> model name, version, run, training data hash and metrics
+  GET  /metrics    (BentoML's Prometheus endpoint) also uservalue_batch_requests and _seconds
   GET  /readyz /livez (BentoML's probes; open even when USERVALUE_API_KEY is set)
 """
 
@@ -37,7 +38,13 @@ class UserValueService:
 
     def __init__(self) -> None:
         from uservalue.packaging import load_packaged_model
-        from uservalue.serving import BatchingPredictor, PredictionLog, Scorer, serve_settings
+        from uservalue.serving import (
+            BatchingPredictor,
+            PredictionLog,
+            Scorer,
+            batch_metrics,
+            serve_settings,
+        )
 
         settings, log_dir = serve_settings()
         model, self.info, self.metadata_record = load_packaged_model(self.bento_model)
@@ -46,7 +53,7 @@ class UserValueService:
         # one forward pass per batch instead of per request.
         self.predictor = BatchingPredictor(
             scorer, PredictionLog(log_dir, settings.log_flush_records, settings.log_flush_seconds),
-            max_wait_ms=settings.batch_wait_ms)
+            max_wait_ms=settings.batch_wait_ms, observe=batch_metrics())
 
     @bentoml.api(route="/predict")
     async def predict(

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hmac
 import json
 import os
 import sys
 import threading
+import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,10 +313,12 @@ class BatchingPredictor:
     scoring runs on one thread beside the event loop, which keeps accepting requests.
     """
 
-    def __init__(self, scorer: Scorer, log: PredictionLog, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, scorer: Scorer, log: PredictionLog, max_wait_ms: float = 5.0,
+                 observe: Callable[[int, float], None] | None = None) -> None:
         self.scorer = scorer
         self.log = log
         self.max_wait = max_wait_ms / 1000
+        self._observe = observe  # (requests in the batch, seconds to score it), e.g. Prometheus
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uservalue-scorer")
         self._queue: deque[tuple[ScoreRequest, asyncio.Future[Any]]] = deque()
         self._arrived: asyncio.Event | None = None
@@ -372,10 +376,13 @@ class BatchingPredictor:
             self._expected = len(batch)
             self.batches += 1
             self.largest_batch = max(self.largest_batch, len(batch))
+            started = time.perf_counter()
             try:
                 answers = await loop.run_in_executor(self._executor, self._answer, [r for r, _ in batch])
             except Exception as error:  # noqa: BLE001 - handed to every caller of the batch (their 500)
                 answers = [error] * len(batch)
+            if self._observe is not None:
+                self._observe(len(batch), time.perf_counter() - started)
             for (_, future), answer in zip(batch, answers, strict=True):
                 if future.done():  # the client went away
                     continue
@@ -499,6 +506,25 @@ def read_prediction_log(directory: str | Path, since: dt.datetime | None = None,
     if until is not None:
         data = data[data["request_time"] < pd.Timestamp(until)]
     return data.sort_values("request_time", kind="stable").reset_index(drop=True)
+
+
+@functools.cache
+def batch_metrics() -> Callable[[int, float], None]:
+    """Prometheus histograms of the batches (on BentoML's /metrics): how many requests each
+    batch held and how long it took to score, the two figures for tuning serve.batch_wait_ms.
+    Created once per process (Prometheus refuses a second registration)."""
+    from prometheus_client import Histogram
+
+    requests = Histogram("uservalue_batch_requests", "Requests scored together in one batch",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    seconds = Histogram("uservalue_batch_seconds", "Time to score one batch: features, model, log",
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+
+    def observe(size: int, elapsed: float) -> None:
+        requests.observe(size)
+        seconds.observe(elapsed)
+
+    return observe
 
 
 # --- deployment settings -------------------------------------------------------------------------

@@ -146,6 +146,16 @@ def test_served_predictions_equal_the_pipeline_batch(server: Server, project: Pa
                                    check_names=False)
 
 
+def _batch_metrics(server: Server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    values = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for key in values:
+            if line.startswith(f"uservalue_batch_requests_{key} "):
+                values[key] = float(line.split()[1])
+    return values
+
+
 def test_concurrent_requests_are_each_answered_as_if_alone(server: Server, project: Path) -> None:
     """Concurrent requests are scored in batches (one feature query, one forward pass): each must
     still get its own users' predictions, also when two requests name the same user id with
@@ -154,8 +164,13 @@ def test_concurrent_requests_are_each_answered_as_if_alone(server: Server, proje
     bodies = [{"events": _events_of(project, [user]), "as_of": EVAL_CUTOFF} for user in users]
     full = _events_of(project, [users[0]])
     bodies.append({"events": full[: max(1, len(full) // 2)], "as_of": EVAL_CUTOFF})  # users[0] again, less history
+    before = _batch_metrics(server)
     with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
         responses = list(pool.map(lambda body: server.post("/predict", body), bodies))
+    after = _batch_metrics(server)
+    # /metrics (Prometheus) counts every request once, in however many batches they were scored.
+    assert after["sum"] - before["sum"] == len(bodies)
+    assert 1 <= after["count"] - before["count"] <= len(bodies)
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     for response in responses:
         SERVED["rows"] += response.json()["predictions"]
