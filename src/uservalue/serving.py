@@ -110,19 +110,14 @@ def validate_events(events: Sequence[Event], behaviors: Sequence[str], max_event
     return users
 
 
-def _table(requests: Sequence[Sequence[Event]], keys: Sequence[str] | None = None) -> pa.Table:
-    """Events as the canonical events table; with `keys`, each user id is prefixed by its request's key."""
+def events_table(requests: Sequence[Sequence[Event]], keys: Sequence[str] | None = None) -> pa.Table:
+    """The events of one or more requests as the canonical events table (the feature function's
+    input); with `keys`, each user id is prefixed by its request's key (see KEY_SEPARATOR)."""
     columns = {name: [getattr(e, name) for events in requests for e in events] for name in EVENTS_SCHEMA.names}
     if keys is not None:
         columns["user_id"] = [f"{key}{KEY_SEPARATOR}{e.user_id}" for key, events in zip(keys, requests, strict=True)
                               for e in events]
     return pa.table(columns, schema=EVENTS_SCHEMA)
-
-
-def events_table(events: Sequence[Event], behaviors: Sequence[str], max_events: int, max_users: int) -> pa.Table:
-    """Validated request events as a canonical events table (the feature function's input)."""
-    validate_events(events, behaviors, max_events, max_users)
-    return _table([events])
 
 
 @dataclass(frozen=True)
@@ -227,7 +222,7 @@ class Scorer:
         frames = []
         for cutoff in dict.fromkeys(as_of):  # distinct, in order
             members = [i for i, c in enumerate(as_of) if c == cutoff]
-            table = _table([requests[i].events for i in members], keys=[str(i) for i in members])
+            table = events_table([requests[i].events for i in members], keys=[str(i) for i in members])
             frames.append(build_features(table, cutoff, self.model.spec, con=self._connection()).to_pandas())
         features = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
         keys = features["user_id"].str.split(KEY_SEPARATOR, n=1, expand=True)
@@ -249,8 +244,7 @@ class Scorer:
         if len(features):
             scored = score_features(self.model, features)
         else:  # every request failed: nothing to score
-            scored = pd.DataFrame(columns=["user_id", "p_buy", "expected_value",
-                                           *(f"influence_{b}" for b in self.model.spec.behaviors)])
+            scored = pd.DataFrame(columns=self._answered_columns())
         return ScoredBatch(requests, as_of, scored, position, errors)
 
     def score(self, events: Sequence[Event], as_of: dt.datetime | None) -> tuple[dt.datetime, pd.DataFrame]:
@@ -260,12 +254,14 @@ class Scorer:
             raise batch.errors[0]
         return batch.as_of[0], batch.scored
 
+    def _answered_columns(self) -> list[str]:
+        return ["user_id", "p_buy", "expected_value", *(f"influence_{b}" for b in self.model.spec.behaviors)]
+
     def response_rows(self, scored: pd.DataFrame) -> list[dict[str, Any]]:
         behaviors = self.model.spec.behaviors
         # Only the answered columns: `scored` also carries every aggregate feature (for the log).
-        answered = ["user_id", "p_buy", "expected_value", *(f"influence_{b}" for b in behaviors)]
         rows = []
-        for record in scored[answered].to_dict("records"):
+        for record in scored[self._answered_columns()].to_dict("records"):
             rows.append({
                 "user_id": record["user_id"],
                 "p_buy": float(record["p_buy"]),

@@ -19,6 +19,7 @@ from uservalue.serving import (
     events_table,
     read_prediction_log,
     serve_settings,
+    validate_events,
 )
 
 BEHAVIORS = ("view", "fav", "cart", "buy")
@@ -55,24 +56,30 @@ def test_event_errors_name_the_field(change: dict, field: str, problem: str) -> 
 
 
 def test_events_table_is_the_canonical_table() -> None:
-    table = events_table([_event(), _event(user_id="u2", behavior="view", amount=0.0)], BEHAVIORS, 10, 10)
+    events = [_event(), _event(user_id="u2", behavior="view", amount=0.0)]
+    table = events_table([events])
     assert table.schema == EVENTS_SCHEMA and table.num_rows == 2
     assert table.column("user_id").to_pylist() == ["u1", "u2"]
+    # Several requests in one table: each user id keyed by its request, so they stay apart.
+    keyed = events_table([events, [_event()]], keys=["0", "1"])
+    assert keyed.schema == EVENTS_SCHEMA
+    assert keyed.column("user_id").to_pylist() == ["0\x1fu1", "0\x1fu2", "1\x1fu1"]
 
 
-def test_events_table_refuses_what_the_model_cannot_score() -> None:
+def test_validate_events_refuses_what_the_model_cannot_score() -> None:
+    assert validate_events([_event(), _event(user_id="u2")], BEHAVIORS, 10, 10) == {"u1", "u2"}
     with pytest.raises(RequestError) as unknown:
-        events_table([_event(), _event(behavior="click")], BEHAVIORS, 10, 10)
+        validate_events([_event(), _event(behavior="click")], BEHAVIORS, 10, 10)
     assert unknown.value.status == 400 and unknown.value.loc == ["events", 1, "behavior"]
     assert "click" in unknown.value.problem and "view" in unknown.value.problem
     with pytest.raises(RequestError) as too_many_events:
-        events_table([_event()] * 3, BEHAVIORS, max_events=2, max_users=10)
+        validate_events([_event()] * 3, BEHAVIORS, max_events=2, max_users=10)
     assert too_many_events.value.status == 413 and "at most 2" in too_many_events.value.problem
     with pytest.raises(RequestError) as too_many_users:
-        events_table([_event(user_id=f"u{i}") for i in range(3)], BEHAVIORS, max_events=10, max_users=2)
+        validate_events([_event(user_id=f"u{i}") for i in range(3)], BEHAVIORS, max_events=10, max_users=2)
     assert too_many_users.value.status == 413 and "3 users" in too_many_users.value.problem
     with pytest.raises(RequestError) as empty:
-        events_table([], BEHAVIORS, 10, 10)
+        validate_events([], BEHAVIORS, 10, 10)
     assert empty.value.loc == ["events"]
     body = unknown.value.body()
     assert body["detail"] == [{"loc": ["events", 1, "behavior"], "msg": unknown.value.problem}]
