@@ -1,6 +1,6 @@
 """The BentoML service: the registered champion behind HTTP.
 
-Thin on purpose: validation, features, scoring and the prediction log live in uservalue.serving,
+Thin on purpose: validation, features, scoring and the prediction log live in uservalue.serving.scorer,
 which batch scoring and the monitor use too. Built by the `package` stage (`bentoml build` with
 the exact model tag as a Bento argument) and started by `make serve`.
 
@@ -20,7 +20,7 @@ import bentoml
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
-from uservalue.serving import ApiKeyMiddleware, Event, RequestError
+from uservalue.serving.scorer import ApiKeyMiddleware, Event, RequestError
 
 
 class BentoArguments(BaseModel):
@@ -37,8 +37,8 @@ class UserValueService:
     bento_model = bentoml.models.BentoModel(ARGUMENTS.model_tag)
 
     def __init__(self) -> None:
-        from uservalue.packaging import load_packaged_model
-        from uservalue.serving import (
+        from uservalue.lifecycle.package import load_packaged_model
+        from uservalue.serving.scorer import (
             BatchingPredictor,
             PredictionLog,
             Scorer,

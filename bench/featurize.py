@@ -41,7 +41,7 @@ GIB = 1024**3
 def _run_child(implementation: str, events: Path) -> dict:
     """The timed work, run in a fresh interpreter (`--child`); returns its figures."""
     if implementation == "duckdb":
-        from uservalue.features import FeatureSpec, build_features
+        from uservalue.features.sql import FeatureSpec, build_features
 
         start = time.perf_counter()
         table = build_features(events, CUTOFF, FeatureSpec(), label_end=LABEL_END)
@@ -50,8 +50,8 @@ def _run_child(implementation: str, events: Path) -> dict:
     elif implementation == "pandas":
         import pandas as pd
 
-        from uservalue.features import FeatureSpec
-        from uservalue.features_reference import build_features_pandas
+        from uservalue.features.sql import FeatureSpec
+        from tests.support.reference_features import build_features_pandas
 
         columns = ["user_id", "ts", "behavior", "item_id", "category_id", "amount"]
         start = time.perf_counter()
@@ -90,7 +90,7 @@ def ensure_events(workdir: Path, users: int, events_per_user: float) -> tuple[Pa
     import pyarrow.parquet as pq
 
     from uservalue.config import SyntheticSource
-    from uservalue.sources.synthetic import generate
+    from uservalue.data.sources.synthetic import generate
 
     events = workdir / f"synthetic_u{users}_e{events_per_user:g}.parquet"
     if events.exists():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 def _child(users: int, events_per_user: float, chunk_events: int, workdir: str, queue: mp.Queue) -> None:
     from uservalue.config import SyntheticSource
-    from uservalue.sources.synthetic import generate
+    from uservalue.data.sources.synthetic import generate
 
     cfg = SyntheticSource(users=users, events_per_user=events_per_user, chunk_events=chunk_events)
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python bench/ingest.py                      # ~10^7 rows (10^5 users x 100 events)
 
-The CSV is generated first (not timed); then `uservalue.sources.ingest` with source=taobao runs
+The CSV is generated first (not timed); then `uservalue.data.sources.ingest` with source=taobao runs
 in a child process: parse, map, type-check every row, then sort by user and time with DuckDB.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 def _ingest(csv: str, workdir: str, queue: mp.Queue) -> None:
     from uservalue.config import DataParams
-    from uservalue.sources import ingest
+    from uservalue.data.sources import ingest
 
     started = time.perf_counter()
     result = ingest(DataParams(source="taobao", path=csv), Path(workdir) / "events.parquet", Path(workdir) / "t")
@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--events-per-user", type=float, default=100.0)
     args = parser.parse_args()
     from uservalue.config import SyntheticSource
-    from uservalue.sources.synthetic import generate
-    from uservalue.sources.taobao import export_taobao_csv
+    from uservalue.data.sources.synthetic import generate
+    from uservalue.data.sources.taobao import export_taobao_csv
 
     workdir = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     try:

@@ -102,11 +102,11 @@ async def _load(url: str, clients: int, seconds: float) -> dict[str, float]:
 
 def bench_batch(users: int) -> dict[str, float]:
     from uservalue.config import SyntheticSource, load_params
-    from uservalue.features import build_features
-    from uservalue.monitoring import default_as_of
-    from uservalue.registry import load_registered
-    from uservalue.serving import score_features
-    from uservalue.sources.synthetic import generate
+    from uservalue.features.sql import build_features
+    from uservalue.lifecycle.monitor import default_as_of
+    from uservalue.lifecycle.registry import load_registered
+    from uservalue.serving.scorer import score_features
+    from uservalue.data.sources.synthetic import generate
 
     events = OUT / "train_sequence" / f"events_u{users}_e100.parquet"  # bench/train_sequence.py's log, if there
     if not events.is_file():

@@ -33,8 +33,8 @@ def ensure_features(workdir: Path, users: int, events_per_user: float, sequence_
     import pyarrow.parquet as pq
 
     from uservalue.config import FeaturizeParams, SplitParams, SyntheticSource
-    from uservalue.features import write_feature_sets
-    from uservalue.sources.synthetic import generate
+    from uservalue.features.sql import write_feature_sets
+    from uservalue.data.sources.synthetic import generate
 
     tag = f"u{users}_e{events_per_user:g}_L{sequence_length}"
     events = workdir / f"events_u{users}_e{events_per_user:g}.parquet"
@@ -69,8 +69,8 @@ def main() -> None:
     import torch
 
     from uservalue.models.base import FitContext, spec_from_meta
-    from uservalue.models.sequence import SequenceModel
-    from uservalue.models.torch_training import resolve_device
+    from uservalue.models.deep.sequence import SequenceModel
+    from uservalue.models.deep.loop import resolve_device
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     features, info = ensure_features(args.workdir, args.users, args.events_per_user, args.sequence_length)

@@ -10,7 +10,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import DAG, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from uservalue.airflow_tasks import DVC_POOL, active_runs, project_dir, retry_args, run_stage
+from uservalue.orchestration.airflow_tasks import DVC_POOL, active_runs, project_dir, retry_args, run_stage
 
 RETRAIN_DAG_ID = "uservalue_retrain"
 # A cron expression or preset; USERVALUE_MONITOR_SCHEDULE=none turns the schedule off.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG, Param, get_current_context, task
 
-from uservalue.airflow_tasks import (
+from uservalue.orchestration.airflow_tasks import (
     DVC_POOL,
     overrides_from_conf,
     retry_args,

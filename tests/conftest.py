@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from uservalue.config import DataParams, SyntheticSource
-from uservalue.sources import ingest
-from uservalue.sources.synthetic import generate
+from uservalue.data.sources import ingest
+from uservalue.data.sources.synthetic import generate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

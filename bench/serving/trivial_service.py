@@ -7,7 +7,7 @@ from typing import Any
 
 import bentoml
 
-from uservalue.serving import Event
+from uservalue.serving.scorer import Event
 
 
 @bentoml.service(name="trivial", workers=1)

@@ -78,7 +78,7 @@ def _counting(progress: Progress, description: str, tables: Iterable[Any], total
 
 def _load(params: Path, overrides: dict[str, Any] | None = None):
     from uservalue.config import load_params, parse_params
-    from uservalue.orchestration import apply_overrides
+    from uservalue.orchestration.stage_runner import apply_overrides
 
     loaded = load_params(params)
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
@@ -104,7 +104,7 @@ def ingest(
     path: Annotated[str | None, typer.Option(help="Override data.path (file read by taobao / file).")] = None,
 ) -> None:
     """Read the configured source (params `data`) into one canonical events table."""
-    from uservalue.sources import ingest as run_ingest
+    from uservalue.data.sources import ingest as run_ingest
 
     cfg = _load(params, {"data.source": source, "data.path": path})
     with _progress() as progress:
@@ -131,7 +131,7 @@ def validate(
     mode: Annotated[str | None, typer.Option(help="Override validate.mode: fail | quarantine.")] = None,
 ) -> None:
     """Run the Great Expectations suite (params `validate`); exit 1 if the gate fails."""
-    from uservalue.validation import validate_file
+    from uservalue.data.validation import validate_file
 
     cfg = _load(params, {"validate.mode": mode})
     if not events.is_file():
@@ -159,7 +159,7 @@ def featurize(
     ),
 ) -> None:
     """Build features and labels at the cutoffs of params `split` (definition: params `featurize`)."""
-    from uservalue.features import write_feature_sets
+    from uservalue.features.sql import write_feature_sets
 
     cfg = _load(params)
     if not events.is_file():
@@ -201,7 +201,7 @@ def generate(
     """Generate a Taobao-like log with planted truth (defaults from params `data.synthetic`)."""
     from uservalue.config import SyntheticSource, describe_validation_error
     from uservalue.schema import DEFAULT_BEHAVIORS
-    from uservalue.sources.synthetic import generate as run_generate
+    from uservalue.data.sources.synthetic import generate as run_generate
 
     # params.yaml supplies the defaults when present; the generator also works without one.
     base = _load(params).data if params.is_file() else None
@@ -222,7 +222,7 @@ def generate(
         )
     err.print(f"generate: {result.events:,} events for {result.users:,} users -> {out} (truth: {truth_dir})")
     if taobao_csv is not None:
-        from uservalue.sources.taobao import export_taobao_csv
+        from uservalue.data.sources.taobao import export_taobao_csv
 
         rows = export_taobao_csv(out, taobao_csv)
         err.print(f"generate: {rows:,} rows in the Taobao format -> {taobao_csv}")
@@ -245,7 +245,7 @@ def train(
 ) -> None:
     """Fit one model on the training cutoffs and track the run in MLflow (params `train`, `tracking`)."""
     from uservalue.config import MODEL_NAMES
-    from uservalue.training import train_model
+    from uservalue.lifecycle.train import train_model
 
     if model not in MODEL_NAMES:
         raise ConfigError(f"--model: unknown model '{model}'; known: {list(MODEL_NAMES)}")
@@ -280,7 +280,7 @@ def evaluate(
     ),
 ) -> None:
     """Score every trained model on the evaluation cutoff; pick the champion (params `evaluate`)."""
-    from uservalue.evaluation import run_evaluate
+    from uservalue.lifecycle.evaluate import run_evaluate
 
     cfg = _load(params)
     report = run_evaluate(cfg, features_dir, models_dir, metrics_out, plots_dir, table_out, predictions_out, Path.cwd())
@@ -300,7 +300,7 @@ def register(
     out: Annotated[Path, typer.Option(help="Decision record JSON.")] = Path("reports/registry.json"),
 ) -> None:
     """Register the evaluation champion; promote it to alias `champion` only through the gate (params `register`)."""
-    from uservalue.registry import run_register
+    from uservalue.lifecycle.registry import run_register
 
     cfg = _load(params)
     record = run_register(cfg, metrics, models_dir, features_dir, out, Path.cwd())
@@ -322,7 +322,7 @@ def package(
     ),
 ) -> None:
     """Import the registered champion into the BentoML store and build the Bento (params `package`)."""
-    from uservalue.packaging import run_package
+    from uservalue.lifecycle.package import run_package
 
     cfg = _load(params)
     record = run_package(cfg, Path.cwd(), bentofile, out)
@@ -342,9 +342,9 @@ def score(
 ) -> None:
     """Batch-score every user with the registered champion: the service's features and model, offline."""
     from uservalue.io import atomic_path
-    from uservalue.monitoring import default_as_of
-    from uservalue.registry import load_registered
-    from uservalue.serving import as_utc, score_events
+    from uservalue.lifecycle.monitor import default_as_of
+    from uservalue.lifecycle.registry import load_registered
+    from uservalue.serving.scorer import as_utc, score_events
 
     cfg = _load(params)
     if not events.is_file():
@@ -377,7 +377,7 @@ def monitor(
     fail_on_drift: Annotated[bool, typer.Option(help="Exit 3 when drift is detected (for schedulers).")] = False,
 ) -> None:
     """Compare the champion's current predictions with its evaluation-time reference (Evidently)."""
-    from uservalue.monitoring import run_monitor
+    from uservalue.lifecycle.monitor import run_monitor
 
     cfg = _load(params, {"monitor.current": current})
     verdict = run_monitor(cfg, Path.cwd(), events, features_dir, log_dir or Path(cfg.serve.log_dir), out_dir)
@@ -403,7 +403,7 @@ def serve(
     import os
     import shutil
 
-    from uservalue.packaging import bentoml_env, read_package_record
+    from uservalue.lifecycle.package import bentoml_env, read_package_record
 
     cfg = _load(params)
     built = read_package_record(record)
@@ -433,7 +433,7 @@ def stage(
     force: Annotated[bool, typer.Option(help="Re-run even if DVC finds the stage up to date.")] = False,
 ) -> None:
     """Run one DVC stage with temporary overrides; params.yaml is left as it was (what Airflow tasks run)."""
-    from uservalue.orchestration import parse_assignments, run_stage
+    from uservalue.orchestration.stage_runner import parse_assignments, run_stage
 
     run = run_stage(project_dir, name, parse_assignments(set_ or []), force=force)
     status = "done" if run.exit_code == 0 else f"failed (exit {run.exit_code})"
@@ -451,8 +451,8 @@ def plan(
     """Check overrides against params.yaml and print what a retrain would run (one JSON line)."""
     import json
 
-    from uservalue.orchestration import parse_assignments
-    from uservalue.orchestration import plan as make_plan
+    from uservalue.orchestration.stage_runner import parse_assignments
+    from uservalue.orchestration.stage_runner import plan as make_plan
 
     print(json.dumps(make_plan(project_dir, parse_assignments(set_ or []))))
 
@@ -467,7 +467,7 @@ def airflow(
     """Airflow standalone for this project: its DAGs, AIRFLOW_HOME in .airflow/, the UI on 127.0.0.1."""
     import os
 
-    from uservalue.airflow_local import ADMIN_USER, ensure_admin_password, prepare, standalone_env
+    from uservalue.orchestration.airflow_local import ADMIN_USER, ensure_admin_password, prepare, standalone_env
 
     env = standalone_env(project_dir, port, host)
     password_path = Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])

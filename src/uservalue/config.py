@@ -78,7 +78,7 @@ class FileSource(_Section):
 
 
 class SyntheticSource(_Section):
-    """A Taobao-like log with planted ground truth (see uservalue.sources.synthetic)."""
+    """A Taobao-like log with planted ground truth (see uservalue.data.sources.synthetic)."""
 
     users: int = Field(20_000, ge=1)
     events_per_user: float = Field(100.0, gt=0, description="mean non-purchase events per user")

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from uservalue.airflow_local import DVC_POOL
-from uservalue.airflow_tasks import DVC_POOL as DAG_DVC_POOL
+from uservalue.orchestration.airflow_local import DVC_POOL
+from uservalue.orchestration.airflow_tasks import DVC_POOL as DAG_DVC_POOL
 
 RETRAIN_ORDER = ["plan", "ingest", "validate", "featurize", "train", "evaluate", "register", "package"]
 

@@ -1,5 +1,5 @@
-"""Stage runs with temporary overrides (uservalue.orchestration), the Airflow-side helpers
-(uservalue.airflow_tasks) and the `make airflow` launcher's settings (uservalue.airflow_local).
+"""Stage runs with temporary overrides (uservalue.orchestration.stage_runner), the Airflow-side helpers
+(uservalue.orchestration.airflow_tasks) and the `make airflow` launcher's settings (uservalue.orchestration.airflow_local).
 
 The stage runner is exercised with real DVC in a throw-away git repository whose one stage
 records the params it saw."""
@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from uservalue.airflow_local import ensure_admin_password, standalone_env
-from uservalue.airflow_tasks import overrides_from_conf, uservalue_command
+from uservalue.orchestration.airflow_local import ensure_admin_password, standalone_env
+from uservalue.orchestration.airflow_tasks import overrides_from_conf, uservalue_command
 from uservalue.errors import ConfigError
-from uservalue.orchestration import (
+from uservalue.orchestration.stage_runner import (
     BACKUP_NAME,
     apply_overrides,
     effective_params,

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from uservalue.errors import ConfigError
 from uservalue.schema import EVENTS_SCHEMA
-from uservalue.serving import (
+from uservalue.serving.scorer import (
     Event,
     PredictionLog,
     RequestError,

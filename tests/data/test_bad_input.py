@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 from uservalue.cli import app
 from uservalue.errors import InputError
 from uservalue.schema import EVENTS_SCHEMA
-from uservalue.sources.cdnow import cdnow_path, read_cdnow
-from uservalue.sources.writer import write_sorted_events
+from uservalue.data.sources.cdnow import cdnow_path, read_cdnow
+from uservalue.data.sources.writer import write_sorted_events
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import utc
 from uservalue.config import FeaturizeParams, SplitParams
-from uservalue.features import FeatureSpec, build_features, label_windows, write_feature_sets
+from uservalue.features.sql import FeatureSpec, build_features, label_windows, write_feature_sets
 from uservalue.schema import EVENTS_SCHEMA
 
 T = utc(2024, 1, 31)

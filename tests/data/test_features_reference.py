@@ -1,4 +1,4 @@
-"""The DuckDB feature definition (uservalue.features) agrees with the plain pandas reference."""
+"""The DuckDB feature definition (uservalue.features.sql) agrees with the plain pandas reference."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from uservalue.config import SyntheticSource
-from uservalue.features import FeatureSpec, build_features
-from uservalue.features_reference import REFERENCE_SEQUENCE_COLUMNS, build_features_pandas
-from uservalue.sources.synthetic import generate
+from uservalue.features.sql import FeatureSpec, build_features
+from tests.support.reference_features import REFERENCE_SEQUENCE_COLUMNS, build_features_pandas
+from uservalue.data.sources.synthetic import generate
 
 CUTOFF = dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
 LABEL_END = CUTOFF + dt.timedelta(days=273)  # 1998-07-01

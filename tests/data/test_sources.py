@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from uservalue.cli import app
 from uservalue.config import DataParams, FileSource, TaobaoSource
 from uservalue.schema import EVENTS_SCHEMA
-from uservalue.sources import ingest
+from uservalue.data.sources import ingest
 
 
 def _assert_canonical_and_sorted(path: Path) -> pd.DataFrame:
@@ -142,7 +142,7 @@ def test_cli_ingest_overrides_source(tmp_path: Path, write_params, taobao_sample
 
 def test_generated_taobao_file_round_trips(tmp_path: Path, small_synthetic) -> None:
     """A generated log written in the Taobao format ingests back to the same events."""
-    from uservalue.sources.taobao import export_taobao_csv
+    from uservalue.data.sources.taobao import export_taobao_csv
 
     events, _ = small_synthetic
     csv = tmp_path / "UserBehavior.csv"

@@ -14,8 +14,8 @@ from scipy import stats
 
 from tests.conftest import SMALL_SYNTHETIC
 from uservalue.config import SyntheticSource
-from uservalue.features import FeatureSpec, build_features
-from uservalue.sources.synthetic import expected_value, generate
+from uservalue.features.sql import FeatureSpec, build_features
+from uservalue.data.sources.synthetic import expected_value, generate
 
 CUTOFF = dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from uservalue.cli import app
 from uservalue.config import ValidateParams
 from uservalue.errors import ValidationFailed
-from uservalue.validation import run_validation, validate_file
+from uservalue.data.validation import run_validation, validate_file
 
 BEHAVIORS = ("view", "fav", "cart", "buy")
 # The Taobao log's documented days are Beijing time (UTC+8).

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import run_in, set_param, tool_env, use_synthetic_data
-from uservalue.airflow_local import prepare
+from uservalue.orchestration.airflow_local import prepare
 
 pytestmark = pytest.mark.slow
 RETRAIN, MONITOR = "uservalue_retrain", "uservalue_monitor"

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import free_port, set_param, tool_env, use_synthetic_data
-from uservalue.airflow_local import DVC_POOL
+from uservalue.orchestration.airflow_local import DVC_POOL
 
 pytestmark = pytest.mark.slow
 RETRAIN, MONITOR = "uservalue_retrain", "uservalue_monitor"

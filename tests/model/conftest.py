@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from uservalue.config import FeaturizeParams, SplitParams
-from uservalue.features import FeatureSpec, write_feature_sets
+from uservalue.features.sql import FeatureSpec, write_feature_sets
 from uservalue.models.base import spec_from_meta
 
 CDNOW_SPLIT = SplitParams(eval_cutoff="1997-10-01", horizon_days=273, train_cutoffs=["1997-07-01", "1997-04-01"])

@@ -1,4 +1,4 @@
-"""uservalue.metrics against independent references (scipy, sklearn, straightforward re-implementations
+"""uservalue.lifecycle.metrics against independent references (scipy, sklearn, straightforward re-implementations
 of google/lifetime_value's gini and decile stats written here) and against known extremes."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from scipy.stats import rankdata, spearmanr
 from sklearn.metrics import mean_absolute_error, mean_squared_error, roc_auc_score
 
-from uservalue import metrics
-from uservalue.metrics import (
+from uservalue.lifecycle import metrics
+from uservalue.lifecycle.metrics import (
     auc,
     decile_mape,
     decile_table,

@@ -15,8 +15,8 @@ from uservalue.config import MonitorParams, SyntheticSource
 from uservalue.errors import InputError
 from uservalue.models import create_model
 from uservalue.models.base import FitContext
-from uservalue.monitoring import drift_report, write_monitoring
-from uservalue.sources.synthetic import generate
+from uservalue.lifecycle.monitor import drift_report, write_monitoring
+from uservalue.data.sources.synthetic import generate
 
 BEHAVIORS = ("view", "fav", "cart", "buy")
 

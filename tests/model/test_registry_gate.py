@@ -14,9 +14,9 @@ import pytest
 
 from tests.conftest import merge
 from uservalue.config import RegisterParams, parse_params
-from uservalue.evaluation import run_evaluate
-from uservalue.registry import CHALLENGER, CHAMPION, decide, run_register
-from uservalue.training import train_model
+from uservalue.lifecycle.evaluate import run_evaluate
+from uservalue.lifecycle.registry import CHALLENGER, CHAMPION, decide, run_register
+from uservalue.lifecycle.train import train_model
 
 MODEL_NAME = "user-value"
 
@@ -92,7 +92,7 @@ def test_gate_sequence_first_worse_better(project: Project, cdnow_features) -> N
 
     # The champion is an MLflow model any consumer loads by alias: predictions plus influence.
     served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
-    from uservalue.tracking import to_model_input
+    from uservalue.models.model_input import to_model_input
 
     out = served.predict(to_model_input(cdnow_features.eval.head(50)))
     assert {"user_id", "p_buy", "expected_value", "influence_buy"} <= set(out.columns)

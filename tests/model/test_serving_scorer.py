@@ -11,7 +11,7 @@ import pytest
 
 from uservalue.models import create_model
 from uservalue.models.base import FitContext
-from uservalue.serving import (
+from uservalue.serving.scorer import (
     BatchingPredictor,
     Event,
     ModelInfo,

@@ -14,8 +14,8 @@ import torch
 
 from uservalue.errors import ConfigError
 from uservalue.models.base import FitContext, validation_mask
-from uservalue.models.mlp import MlpModel
-from uservalue.models.tensors import (
+from uservalue.models.deep.mlp import MlpModel
+from uservalue.models.deep.data import (
     AggregateNorm,
     AggregateStats,
     BatchSampler,
@@ -27,7 +27,7 @@ from uservalue.models.tensors import (
     rows_per_id,
     transform_numpy,
 )
-from uservalue.models.torch_training import CHECKPOINT_FILE, evaluate, resolve_device
+from uservalue.models.deep.loop import CHECKPOINT_FILE, evaluate, resolve_device
 
 TINY = {"hidden": [16], "tower": 16, "embedding_dim": 4, "user_buckets": 64, "batch_size": 256,
         "max_epochs": 4, "patience": 10, "influence_rows": 0}

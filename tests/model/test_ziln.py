@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from uservalue.models import ziln
+from uservalue.models.deep import ziln
 from uservalue.models.hazard import p_buy_from_log_hazard
 
 H = 273.0

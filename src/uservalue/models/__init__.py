@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from uservalue.errors import ConfigError, InputError
-from uservalue.features import FeatureSpec
+from uservalue.features.sql import FeatureSpec
 from uservalue.models.base import MODEL_FILE, PREDICTION_COLUMNS, FitContext, ValueModel
 
 MODEL_CLASSES: dict[str, str] = {
@@ -20,8 +20,8 @@ MODEL_CLASSES: dict[str, str] = {
     "btyd": "uservalue.models.btyd:BtydModel",
     "gbdt": "uservalue.models.gbdt:GbdtModel",
     "linear": "uservalue.models.linear:LinearModel",
-    "mlp": "uservalue.models.mlp:MlpModel",
-    "sequence": "uservalue.models.sequence:SequenceModel",
+    "mlp": "uservalue.models.deep.mlp:MlpModel",
+    "sequence": "uservalue.models.deep.sequence:SequenceModel",
 }
 
 

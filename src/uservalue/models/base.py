@@ -30,11 +30,22 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from uservalue.errors import ConfigError, InputError
-from uservalue.features import SEQUENCE_COLUMNS, FeatureSpec
+from uservalue.features.sql import SEQUENCE_COLUMNS, FeatureSpec
 from uservalue.schema import PURCHASE
 
 PREDICTION_COLUMNS = ("user_id", "p_buy", "expected_value")
 MODEL_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a prediction is attributed to: the registry entry it came from."""
+
+    name: str
+    version: str
+    run_id: str = ""
+    model_type: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelParams(BaseModel):

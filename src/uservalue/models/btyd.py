@@ -36,7 +36,7 @@ import pandas as pd
 from pydantic import Field
 
 from uservalue.errors import InputError, UservalueError
-from uservalue.features import FeatureSpec
+from uservalue.features.sql import FeatureSpec
 from uservalue.models.base import FitContext, ModelParams, ValueModel, aggregate_matrix
 
 STATE_FILE = "btyd.json"

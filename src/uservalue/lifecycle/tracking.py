@@ -17,6 +17,7 @@ import pandas as pd
 import yaml
 
 from uservalue.config import TrackingParams
+from uservalue.models.model_input import predict_with_influence, to_model_input
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -55,7 +56,7 @@ def git_commit(project_dir: str | Path = ".") -> str:
         return "unknown"
 
 
-# Set by the Airflow task that runs a stage (uservalue.airflow_tasks): which run asked for it, and why.
+# Set by the Airflow task that runs a stage (uservalue.orchestration.airflow_tasks): which run asked for it, and why.
 RUN_CONTEXT_ENV = {
     "AIRFLOW_CTX_DAG_ID": "airflow.dag_id",
     "AIRFLOW_CTX_DAG_RUN_ID": "airflow.dag_run_id",
@@ -99,35 +100,6 @@ class UserValuePyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return predict_with_influence(self.model, model_input)
-
-
-def predict_with_influence(model: Any, features: pd.DataFrame) -> pd.DataFrame:
-    """[user_id, p_buy, expected_value, influence_<behaviour>...]: what every consumer reads."""
-    return model.predict_with_influence(from_model_input(features))
-
-
-def to_model_input(features: pd.DataFrame) -> pd.DataFrame:
-    """Feature rows as MLflow can describe them: numeric aggregates as float64, sequences as lists."""
-    out = pd.DataFrame({"user_id": features["user_id"].astype(str)})
-    for column in features.columns:
-        if column == "user_id" or column in ("cutoff", "value", "n_purchases", "bought", "label_days"):
-            continue
-        if column.startswith("seq_"):
-            out[column] = [list(map(float, v)) for v in features[column]]
-        else:
-            out[column] = features[column].astype("float64")
-    return out
-
-
-def from_model_input(features: pd.DataFrame) -> pd.DataFrame:
-    """Inverse of to_model_input for the sequence columns (lists back to arrays)."""
-    import numpy as np
-
-    out = features.copy()
-    for column in out.columns:
-        if column.startswith("seq_") and len(out) and not isinstance(out[column].iloc[0], np.ndarray):
-            out[column] = [np.asarray(v) for v in out[column]]
-    return out
 
 
 PIP_REQUIREMENTS_PACKAGES = ("mlflow", "pandas", "numpy", "scikit-learn", "lightgbm", "torch", "pymc-marketing")

@@ -20,12 +20,12 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from uservalue import metrics, tracking
+from uservalue.lifecycle import metrics, tracking
 from uservalue.config import Params, RegisterParams
 from uservalue.errors import InputError
-from uservalue.evaluation import score
+from uservalue.lifecycle.evaluate import score
 from uservalue.io import write_json
-from uservalue.training import read_features
+from uservalue.lifecycle.train import read_features
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -163,7 +163,7 @@ def load_registered(params: Params, project_dir: str | Path = ".", alias: str = 
     """(ValueModel, ModelInfo) of `models:/<register.model_name>@<alias>`, loaded directly from its
     artifact (the saved ValueModel inside the pyfunc), as the service loads it."""
     from uservalue.models import load_model
-    from uservalue.serving import ModelInfo
+    from uservalue.models.base import ModelInfo
 
     version = registered_version(params, project_dir, alias)
     name = params.register_.model_name

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uservalue.errors import InputError
-from uservalue.features import SEQUENCE_COLUMNS
+from uservalue.features.sql import SEQUENCE_COLUMNS
 from uservalue.models.base import aggregate_matrix, exposure_days
 
 ID_COLUMNS = ("seq_behavior", "seq_category", "seq_item")

@@ -15,8 +15,8 @@ at the end of each row, so a GRU's outputs at real events never see it. Attentio
 the encoded tokens into one vector: score_t = w . h_t + g[behaviour_t], where g is one learned
 scalar per behaviour type (a multiplicative gate exp(g) on the attention weights). The pooled
 vector is concatenated with an aggregate tower (MLP over the log1p + standardised aggregates) and
-fed through an MLP into the ZILN head (uservalue.models.ziln). Rare category/item ids read as
-unknown and ids are dropped out in training, as in uservalue.models.mlp.
+fed through an MLP into the ZILN head (uservalue.models.deep.ziln). Rare category/item ids read as
+unknown and ids are dropped out in training, as in uservalue.models.deep.mlp.
 
 Behaviour influence: leave-one-behaviour-out, then a per-event effect
 --------------------------------------------------------------------
@@ -64,16 +64,16 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from uservalue.models.mlp import hide_ids, mlp
-from uservalue.models.tensors import (
+from uservalue.models.deep.mlp import hide_ids, mlp
+from uservalue.models.deep.data import (
     AggregateNorm,
     AggregateStats,
     HashedEmbedding,
     TokenNorm,
     TokenStats,
 )
-from uservalue.models.torch_training import TorchParams, TorchValueModel
-from uservalue.models.ziln import ZilnHead
+from uservalue.models.deep.loop import TorchParams, TorchValueModel
+from uservalue.models.deep.ziln import ZilnHead
 
 NEG = -1e9
 

@@ -15,7 +15,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from uservalue import tracking
+from uservalue.lifecycle import tracking
 from uservalue.config import Params
 from uservalue.errors import InputError
 from uservalue.io import atomic_dir, write_json

@@ -1,7 +1,7 @@
 """The one training loop of the deep models, and their shared ValueModel plumbing.
 
 `train_network` fits any network whose forward(batch) returns ZILN outputs [B, 3] and that has a
-`head` (uservalue.models.ziln.ZilnHead):
+`head` (uservalue.models.deep.ziln.ZilnHead):
 
 - device: CUDA when available, else CPU; FitContext.device forces "cpu" or "cuda". bf16 autocast
   on CUDA only (the loss is always computed in float32); pinned-memory DataLoader on CUDA.
@@ -19,7 +19,7 @@
 
 `TorchValueModel` is the ValueModel both deep models derive from: fit (tensors, statistics,
 network, training, behaviour influence), batched prediction without autograd, save/load, and the
-behaviour attribution described in uservalue.models.sequence.
+behaviour attribution described in uservalue.models.deep.sequence.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from pydantic import Field
 from torch import nn
 
 from uservalue.errors import ConfigError
-from uservalue.features import FeatureSpec
-from uservalue.models import ziln
+from uservalue.features.sql import FeatureSpec
+from uservalue.models.deep import ziln
 from uservalue.models.base import (
     FitContext,
     ModelParams,
@@ -54,7 +54,7 @@ from uservalue.models.base import (
     exposure_days,
     validation_mask,
 )
-from uservalue.models.tensors import (
+from uservalue.models.deep.data import (
     AggregateStats,
     FeatureDataset,
     FeatureTensors,

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from uservalue.config import SyntheticSource
 from uservalue.io import atomic_dir, write_json
 from uservalue.schema import EVENTS_SCHEMA, PURCHASE
-from uservalue.sources.writer import write_events_in_order
+from uservalue.data.sources.writer import write_events_in_order
 
 USERS_PER_BLOCK = 1000
 MIX_CONCENTRATION = 8.0  # how far a user's behaviour mix strays from the global one

@@ -19,7 +19,7 @@ from typing import Any
 from uservalue.config import Params
 from uservalue.errors import ConfigError, InputError, UservalueError
 from uservalue.io import write_json
-from uservalue.metrics import VALUE_METRIC_KEYS
+from uservalue.lifecycle.metrics import VALUE_METRIC_KEYS
 
 BENTOML_DIR = ".bentoml"
 WHEEL_DIR = Path("dist")
@@ -33,7 +33,7 @@ def bentoml_home(params: Params, project_dir: str | Path) -> Path:
 
 
 def bentoml_env(params: Params, project_dir: str | Path) -> dict[str, str]:
-    from uservalue.tracking import tracking_uri
+    from uservalue.lifecycle.tracking import tracking_uri
 
     return {**os.environ, "BENTOML_HOME": str(bentoml_home(params, project_dir)), "BENTOML_DO_NOT_TRACK": "true",
             "MLFLOW_TRACKING_URI": tracking_uri(params.tracking, Path(project_dir))}
@@ -51,7 +51,7 @@ def load_packaged_model(bento_model: Any) -> tuple[Any, Any, dict[str, Any]]:
     schema enforcement of list columns costs milliseconds a request for the same numbers.
     """
     from uservalue.models import load_model
-    from uservalue.serving import ModelInfo
+    from uservalue.models.base import ModelInfo
 
     labels = dict(bento_model.info.labels)
     metadata = dict(bento_model.info.metadata)
@@ -75,7 +75,7 @@ def load_packaged_model(bento_model: Any) -> tuple[Any, Any, dict[str, Any]]:
 def _champion(params: Params, project_dir: Path) -> tuple[Any, Any]:
     import mlflow
 
-    from uservalue.registry import registered_version
+    from uservalue.lifecycle.registry import registered_version
 
     version = registered_version(params, project_dir, params.package.model_alias)
     return version, mlflow.MlflowClient().get_run(version.run_id)

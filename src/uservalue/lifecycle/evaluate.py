@@ -18,12 +18,12 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from uservalue import metrics, tracking
+from uservalue.lifecycle import metrics, tracking
 from uservalue.config import METRIC_HIGHER_IS_BETTER, Params
 from uservalue.errors import InputError
 from uservalue.io import atomic_path, write_json
 from uservalue.models import load_model
-from uservalue.training import read_features, read_meta
+from uservalue.lifecycle.train import read_features, read_meta
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import pyarrow as pa
 
 from uservalue.config import DataParams
 from uservalue.io import atomic_dir, write_json
-from uservalue.sources.cdnow import read_cdnow
-from uservalue.sources.tabular import TabularSpec, read_canonical
-from uservalue.sources.taobao import taobao_spec
-from uservalue.sources.writer import write_sorted_events
+from uservalue.data.sources.cdnow import read_cdnow
+from uservalue.data.sources.tabular import TabularSpec, read_canonical
+from uservalue.data.sources.taobao import taobao_spec
+from uservalue.data.sources.writer import write_sorted_events
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def ingest(params: DataParams, out: str | Path, truth_dir: str | Path) -> Ingest
     """
     out, truth_dir = Path(out), Path(truth_dir)
     if params.source == "synthetic":
-        from uservalue.sources.synthetic import generate
+        from uservalue.data.sources.synthetic import generate
 
         result = generate(params.synthetic, out, truth_dir, behaviors=params.behaviors)
         return IngestResult("synthetic", result.events, out)

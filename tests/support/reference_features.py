@@ -1,8 +1,8 @@
-"""A plain pandas implementation of the feature rows defined in `uservalue.features.feature_sql`.
+"""A plain pandas implementation of the feature rows defined in `uservalue.features.sql.feature_sql`.
 
 This module is the *independent reference* for the DuckDB definition: the tests build features
 with both and require them to agree, and the featurize benchmark (`bench/featurize.py`) uses it as
-the baseline. It is not used by the pipeline; `uservalue.features` stays the one definition that
+the baseline. It is not used by the pipeline; `uservalue.features.sql` stays the one definition that
 training, evaluation and serving share.
 
 It is written to be read next to the SQL, one pandas step per SQL clause:
@@ -28,7 +28,7 @@ import datetime as dt
 import numpy as np
 import pandas as pd
 
-from uservalue.features import LABEL_COLUMNS, SECONDS_PER_DAY, FeatureSpec
+from uservalue.features.sql import LABEL_COLUMNS, SECONDS_PER_DAY, FeatureSpec
 from uservalue.schema import PURCHASE
 
 DAY = SECONDS_PER_DAY
@@ -168,7 +168,7 @@ def build_features_pandas(
 ) -> pd.DataFrame:
     """Feature rows at `cutoff` computed with pandas, sorted by user_id.
 
-    The independent reference for `uservalue.features.feature_sql`: tests cross-check the DuckDB
+    The independent reference for `uservalue.features.sql.feature_sql`: tests cross-check the DuckDB
     definition against it and the featurize benchmark uses it as the baseline. Not used by the
     pipeline. `events` is a canonical events frame (`uservalue.schema`); columns are the same as
     `build_features` returns, less `seq_category` and `seq_item` (see the module docstring).

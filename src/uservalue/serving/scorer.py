@@ -3,8 +3,8 @@ behaviour influence, plus the prediction log the monitor reads.
 
 The BentoML service (service.py) is a thin HTTP layer over this module. Batch scoring
 (`uservalue score`) and the monitor call `score_events` too, so the service, the pipeline and
-the monitor share one feature function (uservalue.features.build_features) and one prediction
-function (uservalue.tracking.predict_with_influence): no train/serve skew.
+the monitor share one feature function (uservalue.features.sql.build_features) and one prediction
+function (uservalue.lifecycle.tracking.predict_with_influence): no train/serve skew.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from uservalue.config import ServeParams, load_params
 from uservalue.errors import UservalueError
+from uservalue.models.base import ModelInfo
 from uservalue.schema import EVENTS_SCHEMA
 
 PREDICTION_LOG_COLUMNS = ("request_time", "request_id", "as_of", "model_name", "model_version", "user_id",
@@ -120,20 +121,9 @@ def events_table(requests: Sequence[Sequence[Event]], keys: Sequence[str] | None
     return pa.table(columns, schema=EVENTS_SCHEMA)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a prediction is attributed to: the registry entry it came from."""
-
-    name: str
-    version: str
-    run_id: str = ""
-    model_type: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def score_features(model: Any, features: pd.DataFrame) -> pd.DataFrame:
     """Predictions with influence shares, plus the aggregate features (the monitor watches them)."""
-    from uservalue.tracking import predict_with_influence
+    from uservalue.models.model_input import predict_with_influence
 
     predictions = predict_with_influence(model, features)
     aggregates = [c for c in model.spec.aggregate_columns() if c in features.columns]
@@ -143,7 +133,7 @@ def score_features(model: Any, features: pd.DataFrame) -> pd.DataFrame:
 def score_events(model: Any, events: str | Path | pa.Table | pd.DataFrame, as_of: dt.datetime,
                  con: Any = None) -> pd.DataFrame:
     """Score every user with an event before `as_of`: the batch, the service and the monitor use it."""
-    from uservalue.features import build_features
+    from uservalue.features.sql import build_features
 
     features = build_features(events, as_of, model.spec, con=con).to_pandas()
     return score_features(model, features)
@@ -215,7 +205,7 @@ class Scorer:
 
         Each request's users get exactly the rows they would get alone: features are computed per
         (request, user) and the model scores rows independently."""
-        from uservalue.features import build_features
+        from uservalue.features.sql import build_features
 
         now = dt.datetime.now(dt.UTC)
         as_of = [r.as_of or now for r in requests]

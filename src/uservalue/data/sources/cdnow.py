@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from uservalue.errors import InputError
-from uservalue.sources.tabular import RawBatch, TabularSpec, check_readable
+from uservalue.data.sources.tabular import RawBatch, TabularSpec, check_readable
 
 DISTRIBUTION = "lifetimes"
 RELATIVE_PATH = "lifetimes/datasets/CDNOW_master.txt"

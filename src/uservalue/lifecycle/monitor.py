@@ -96,7 +96,7 @@ def default_as_of(events: pd.DataFrame | str | Path) -> dt.datetime:
 
 def current_window(params: Any, model: Any, events: Path, log_dir: Path, now: dt.datetime) -> tuple[pd.DataFrame, dict]:
     """The predictions to compare with the reference: a freshly scored batch or the prediction log."""
-    from uservalue.serving import read_prediction_log, score_events
+    from uservalue.serving.scorer import read_prediction_log, score_events
 
     cfg: MonitorParams = params.monitor
     if cfg.current == "log":
@@ -123,10 +123,10 @@ def run_monitor(params: Any, project_dir: str | Path, events: str | Path, featur
     current window; Evidently report and verdict to `out_dir`, and both to an MLflow run."""
     import mlflow
 
-    from uservalue import tracking
-    from uservalue.registry import load_registered
-    from uservalue.serving import score_features
-    from uservalue.training import read_features
+    from uservalue.lifecycle import tracking
+    from uservalue.lifecycle.registry import load_registered
+    from uservalue.serving.scorer import score_features
+    from uservalue.lifecycle.train import read_features
 
     project_dir = Path(project_dir)
     now = now or dt.datetime.now(dt.UTC)

@@ -6,7 +6,7 @@ Inputs per user (one feature row):
   shares one vector, a user never seen lands in a bucket trained by others);
 - mean-pooled embeddings of the hashed categories and items of the user's last L events.
 
-They are concatenated into an MLP whose last layer is the ZILN head (uservalue.models.ziln), so
+They are concatenated into an MLP whose last layer is the ZILN head (uservalue.models.deep.ziln), so
 it predicts p_buy and expected_value with label windows of different length as exposure.
 
 Id tables memorise small data sets fast (a user's few items identify them, and with them their
@@ -15,7 +15,7 @@ label), so: category/item ids held by fewer than `min_id_rows` training rows rea
 probability `id_dropout`. The validation split is by user, so a validation user's own id vector
 is never trained: early stopping measures how the model does on users it has not memorised.
 Training, persistence and the behaviour attribution are shared with the sequence model
-(uservalue.models.torch_training); the attribution here runs through the aggregate columns and
+(uservalue.models.deep.loop); the attribution here runs through the aggregate columns and
 the pooled category/item embeddings of each behaviour's events.
 """
 
@@ -28,9 +28,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from uservalue.models.tensors import AggregateNorm, AggregateStats, HashedEmbedding, TokenStats
-from uservalue.models.torch_training import TorchParams, TorchValueModel
-from uservalue.models.ziln import ZilnHead
+from uservalue.models.deep.data import AggregateNorm, AggregateStats, HashedEmbedding, TokenStats
+from uservalue.models.deep.loop import TorchParams, TorchValueModel
+from uservalue.models.deep.ziln import ZilnHead
 
 
 class MlpParams(TorchParams):

@@ -1,0 +1,1 @@
+"""Getting events in: sources into the canonical table, and the validation gate."""

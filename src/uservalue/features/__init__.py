@@ -1,0 +1,1 @@
+"""The one feature definition (sql) and the feature sets written for training and evaluation (store)."""

@@ -1,0 +1,1 @@
+"""The stages after features: train, evaluate, register, package, monitor, and their MLflow wiring."""

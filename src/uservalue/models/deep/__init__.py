@@ -1,0 +1,1 @@
+"""Deep models: PyTorch runtime, training loop, checkpoints, occlusion influence, data and layers."""

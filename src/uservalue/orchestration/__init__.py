@@ -1,0 +1,1 @@
+"""Running stages: the DVC stage runner and what the Airflow DAGs call."""
