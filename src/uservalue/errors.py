@@ -1,8 +1,14 @@
-"""Errors a user can act on: each names the file, the row, the column and what was expected."""
+"""Errors a user can act on (each names the file, row, column and what was expected), and the exit
+codes the CLI maps them to; orchestrators retry only EXIT_TRANSIENT."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+EXIT_VALIDATION_FAILED = 1  # the data broke the expectation suite: final
+EXIT_BAD_INPUT = 2  # bad input or configuration: final, a retry cannot help
+EXIT_DRIFT = 3  # `monitor --fail-on-drift` found drift
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL: a store, lock or build subprocess failed; retrying may help
 
 
 class UservalueError(Exception):
@@ -51,3 +57,7 @@ class InputError(UservalueError):
 
 class ValidationFailed(UservalueError):
     """The events table broke the expectation suite (details are in the report)."""
+
+
+class TransientError(UservalueError):
+    """A failure outside the input: the tracking or model store, a lock, a build subprocess."""

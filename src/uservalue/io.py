@@ -52,6 +52,13 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: str | Path, payload: Any) -> None:
+def write_text(path: str | Path, text: str, *, mode: int | None = None) -> None:
+    """Replace `path` with `text` atomically; `mode` (e.g. 0o600) holds from the file's creation on."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+
+
+def write_json(path: str | Path, payload: Any, *, mode: int | None = None) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n", mode=mode)
