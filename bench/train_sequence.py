@@ -33,7 +33,7 @@ def ensure_features(workdir: Path, users: int, events_per_user: float, sequence_
     import pyarrow.parquet as pq
 
     from uservalue.config import FeaturizeParams, SplitParams, SyntheticSource
-    from uservalue.features.sql import write_feature_sets
+    from uservalue.features.store import write_feature_sets
     from uservalue.data.sources.synthetic import generate
 
     tag = f"u{users}_e{events_per_user:g}_L{sequence_length}"
@@ -68,9 +68,10 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from uservalue.models.base import FitContext, spec_from_meta
+    from uservalue.features.sql import FeatureSpec
+    from uservalue.models.base import FitContext
     from uservalue.models.deep.sequence import SequenceModel
-    from uservalue.models.deep.loop import resolve_device
+    from uservalue.models.deep.runtime import resolve_device
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     features, info = ensure_features(args.workdir, args.users, args.events_per_user, args.sequence_length)
@@ -90,7 +91,7 @@ def main() -> None:
     raw = {"max_epochs": args.epochs, "patience": args.epochs + 1, "encoder": args.encoder, "influence_rows": 2048}
     if args.batch_size:
         raw["batch_size"] = args.batch_size
-    model = SequenceModel.from_config(raw, spec_from_meta(meta), meta["horizon_days"])
+    model = SequenceModel.from_config(raw, FeatureSpec.from_dict(meta["spec"]), meta["horizon_days"])
 
     epochs: list[dict] = []
 

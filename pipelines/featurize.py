@@ -1,11 +1,10 @@
 """DVC stage `featurize`: features and labels at the cutoffs (params `featurize`, `split`) -> data/features/.
-
-Thin on purpose: the stage is the `uservalue featurize` command, so DVC and people run the same code.
 """
 
 import sys
 
-from uservalue.cli import app
+from uservalue.cli.common import run_one
+from uservalue.cli.data import featurize
 
-if __name__ == "__main__":
-    app(["featurize", *sys.argv[1:]], prog_name="pipelines/featurize.py")
+if __name__ == "__main__":  # the `uservalue featurize` command, so DVC and a person run the same code
+    run_one(featurize, sys.argv[1:], prog_name="pipelines/featurize.py")

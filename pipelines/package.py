@@ -1,11 +1,10 @@
 """DVC stage `package`: the registered champion into the BentoML store, then `bentoml build` -> reports/package.json.
-
-Thin on purpose: the stage is the `uservalue package` command, so DVC and people run the same code.
 """
 
 import sys
 
-from uservalue.cli import app
+from uservalue.cli.common import run_one
+from uservalue.cli.lifecycle import package
 
-if __name__ == "__main__":
-    app(["package", *sys.argv[1:]], prog_name="pipelines/package.py")
+if __name__ == "__main__":  # the `uservalue package` command, so DVC and a person run the same code
+    run_one(package, sys.argv[1:], prog_name="pipelines/package.py")

@@ -1,11 +1,10 @@
 """DVC stage `validate`: Great Expectations gate (params `validate`) -> data/validated.parquet, data/quarantine.parquet, reports/validation/.
-
-Thin on purpose: the stage is the `uservalue validate` command, so DVC and people run the same code.
 """
 
 import sys
 
-from uservalue.cli import app
+from uservalue.cli.common import run_one
+from uservalue.cli.data import validate
 
-if __name__ == "__main__":
-    app(["validate", *sys.argv[1:]], prog_name="pipelines/validate.py")
+if __name__ == "__main__":  # the `uservalue validate` command, so DVC and a person run the same code
+    run_one(validate, sys.argv[1:], prog_name="pipelines/validate.py")

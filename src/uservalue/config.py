@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from uservalue.errors import ConfigError
 from uservalue.schema import DEFAULT_BEHAVIORS, PURCHASE
@@ -188,10 +188,22 @@ class SplitParams(_Section):
         return tuple(sorted(_utc(c) for c in self.train_cutoffs))
 
 
-MODEL_NAMES = ("historical", "btyd", "gbdt", "linear", "mlp", "sequence")
-# Direction of every evaluation metric: True when higher is better. total_error is compared by its
-# absolute value (0 is perfect).
-METRIC_HIGHER_IS_BETTER = {
+# The model catalog, the one list of models: name -> "module:Class" (imported on first use by
+# uservalue.models). Adding a model is one module plus one entry here; its params section
+# `train.<name>` and its DVC stage `train@<name>` follow from this entry.
+MODEL_CATALOG: dict[str, str] = {
+    "historical": "uservalue.models.historical:HistoricalModel",
+    "btyd": "uservalue.models.btyd:BtydModel",
+    "gbdt": "uservalue.models.gbdt:GbdtModel",
+    "linear": "uservalue.models.linear:LinearModel",
+    "mlp": "uservalue.models.deep.mlp:MlpModel",
+    "sequence": "uservalue.models.deep.sequence:SequenceModel",
+}
+MODEL_NAMES = tuple(MODEL_CATALOG)
+
+# Every evaluation metric and its direction (True: higher is better). total_error is compared by
+# its absolute value (0 is perfect).
+METRICS: dict[str, bool] = {
     "gini": True,
     "spearman": True,
     "mae": False,
@@ -201,27 +213,21 @@ METRIC_HIGHER_IS_BETTER = {
     "total_error": False,
     "auc": True,
 }
-MetricName = Literal["gini", "spearman", "mae", "rmse", "top_decile_capture", "decile_mape", "total_error", "auc"]
+MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
 
 
-class TrainParams(_Section):
-    """Which models to train, and each model's own section (typed by the model itself)."""
+class _TrainBase(_Section):
+    """Which models to train; each model's own section is typed by the model itself."""
 
     models: tuple[str, ...] = MODEL_NAMES
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     valid_fraction: float = Field(0.2, ge=0, lt=1, description="users held out for early stopping")
-    historical: dict[str, Any] = Field(default_factory=dict)
-    btyd: dict[str, Any] = Field(default_factory=dict)
-    gbdt: dict[str, Any] = Field(default_factory=dict)
-    linear: dict[str, Any] = Field(default_factory=dict)
-    mlp: dict[str, Any] = Field(default_factory=dict)
-    sequence: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("models")
     @classmethod
     def _known_models(cls, models: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [m for m in models if m not in MODEL_NAMES]
+        unknown = [m for m in models if m not in MODEL_CATALOG]
         if unknown:
             raise ValueError(f"unknown models {unknown}; known: {list(MODEL_NAMES)}")
         if not models:
@@ -232,6 +238,14 @@ class TrainParams(_Section):
 
     def model_params(self, name: str) -> dict[str, Any]:
         return dict(getattr(self, name))
+
+
+# One `train.<model>` section per catalog entry.
+TrainParams = create_model(
+    "TrainParams",
+    __base__=_TrainBase,
+    **{name: (dict[str, Any], Field(default_factory=dict)) for name in MODEL_CATALOG},
+)
 
 
 class EvaluateParams(_Section):

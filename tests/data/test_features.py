@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import utc
 from uservalue.config import FeaturizeParams, SplitParams
-from uservalue.features.sql import FeatureSpec, build_features, label_windows, write_feature_sets
+from uservalue.features.sql import FeatureSpec, build_features
+from uservalue.features.store import label_windows, write_feature_sets
 from uservalue.schema import EVENTS_SCHEMA
 
 T = utc(2024, 1, 31)

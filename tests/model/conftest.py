@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from uservalue.config import FeaturizeParams, SplitParams
-from uservalue.features.sql import FeatureSpec, write_feature_sets
-from uservalue.models.base import spec_from_meta
+from uservalue.features.sql import FeatureSpec
+from uservalue.features.store import write_feature_sets
 
 CDNOW_SPLIT = SplitParams(eval_cutoff="1997-10-01", horizon_days=273, train_cutoffs=["1997-07-01", "1997-04-01"])
 # The synthetic default calendar runs 1997-01-01 .. 1998-07-01, like CDNOW.
@@ -30,7 +30,7 @@ class FeatureSets:
 
     @property
     def spec(self) -> FeatureSpec:
-        return spec_from_meta(self.meta)
+        return FeatureSpec.from_dict(self.meta["spec"])
 
     @property
     def horizon_days(self) -> int:

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from uservalue.config import MODEL_NAMES
+from uservalue.config import MODEL_CATALOG, MODEL_NAMES
 from uservalue.errors import ConfigError
-from uservalue.models import MODEL_CLASSES, create_model, load_model
 from uservalue.models.base import FitContext, validation_mask
+from uservalue.models.catalog import create_model, load_model, model_class
 
 # Small settings so that each model trains in seconds; the defaults are exercised by the pipeline.
 QUICK = {
@@ -26,8 +26,14 @@ QUICK = {
 }
 
 
-def test_every_configured_model_is_registered() -> None:
-    assert set(MODEL_NAMES) == set(MODEL_CLASSES) == set(QUICK)
+def test_every_catalog_entry_is_a_model_with_a_params_section() -> None:
+    from uservalue.config import TrainParams
+    from uservalue.models.base import ValueModel
+
+    assert MODEL_NAMES == tuple(MODEL_CATALOG) and set(MODEL_NAMES) == set(QUICK)
+    for name in MODEL_NAMES:
+        assert issubclass(model_class(name), ValueModel) and model_class(name).name == name
+        assert TrainParams().model_params(name) == {}  # train.<name> exists, empty by default
 
 
 def test_training_labels_never_overlap_the_holdout(cdnow_features) -> None:

@@ -6,6 +6,7 @@ champion; a run that fails half-way leaves the champion where it was."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -14,8 +15,10 @@ import pytest
 
 from tests.conftest import merge
 from uservalue.config import RegisterParams, parse_params
-from uservalue.lifecycle.evaluate import run_evaluate
-from uservalue.lifecycle.registry import CHALLENGER, CHAMPION, decide, run_register
+from uservalue.lifecycle.context import StageContext
+from uservalue.lifecycle.evaluate import run_evaluate, score_model
+from uservalue.lifecycle.registry import CHALLENGER, CHAMPION, decide, load_version, run_register
+from uservalue.lifecycle.tracking import GIT_COMMIT_TAG
 from uservalue.lifecycle.train import train_model
 
 MODEL_NAME = "user-value"
@@ -27,24 +30,29 @@ class Project:
     def __init__(self, root: Path, repo_params: dict, features_dir: Path) -> None:
         self.root, self.repo_params, self.features_dir = root, repo_params, features_dir
         self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        # A git repository, so runs record the code's commit.
+        for args in (["init", "-q"], ["-c", "user.name=ci", "-c", "user.email=ci@example.invalid",
+                                      "commit", "-q", "--allow-empty", "-m", "project"]):
+            subprocess.run(["git", *args], cwd=root, check=True)
+        self.commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, check=True, capture_output=True,
+                                     text=True).stdout.strip()
 
-    def params(self, model: str, model_params: dict | None = None, features_dir: Path | None = None):
-        return parse_params(merge(self.repo_params, {
+    def context(self, model: str, model_params: dict | None = None) -> StageContext:
+        return StageContext(self.root, parse_params(merge(self.repo_params, {
             "train.models": [model],
             f"train.{model}": model_params or {},
             "tracking.uri": self.uri,
             "tracking.artifact_location": (self.root / "artifacts").as_uri(),
-        }))
+        })))
 
     def cycle(self, model: str, model_params: dict | None = None, features_dir: Path | None = None) -> dict:
-        params = self.params(model, model_params)
+        ctx = self.context(model, model_params)
         features_dir = features_dir or self.features_dir
         models_dir = self.root / "models"
-        train_model(model, params, self.features_dir, models_dir / model, self.root)
-        run_evaluate(params, self.features_dir, models_dir, self.root / "metrics.json", self.root / "plots",
-                     self.root / "comparison.md", self.root / "predictions.parquet", self.root)
-        return run_register(params, self.root / "metrics.json", models_dir, features_dir,
-                            self.root / "registry.json", self.root)
+        train_model(ctx, model, self.features_dir, models_dir / model)
+        run_evaluate(ctx, self.features_dir, models_dir, self.root / "metrics.json", self.root / "plots",
+                     self.root / "comparison.md", self.root / "predictions.parquet")
+        return run_register(ctx, self.root / "metrics.json", models_dir, features_dir, self.root / "registry.json")
 
     def client(self) -> mlflow.MlflowClient:
         mlflow.set_tracking_uri(self.uri)
@@ -75,8 +83,9 @@ def test_gate_sequence_first_worse_better(project: Project, cdnow_features) -> N
     assert worse["candidate"]["metrics"]["gini"] < first["candidate"]["metrics"]["gini"]
     assert worse["decision"]["alias"] == CHALLENGER and worse["decision"]["promote"] is False
     assert project.alias(CHAMPION) == "1" and project.alias(CHALLENGER) == worse["candidate"]["version"]
-    # The champion was re-scored on the same evaluation set: its figures equal its own evaluation.
-    assert worse["previous_champion"]["metrics"]["gini"] == pytest.approx(first["candidate"]["metrics"]["gini"])
+    # The champion was re-scored on the same evaluation set through the same scoring function as
+    # `evaluate`: its gate figures equal its own evaluation exactly, every metric.
+    assert worse["previous_champion"]["metrics"] == first["candidate"]["metrics"]
 
     # 3. A better one takes champion.
     better = project.cycle("gbdt", {"max_rounds": 80, "early_stopping_rounds": 10})
@@ -86,8 +95,8 @@ def test_gate_sequence_first_worse_better(project: Project, cdnow_features) -> N
     assert project.alias(CHALLENGER) == worse["candidate"]["version"]
 
     # Registering the same run again is idempotent: same version, still champion.
-    again = run_register(project.params("gbdt"), project.root / "metrics.json", project.root / "models",
-                         project.features_dir, project.root / "registry.json", project.root)
+    again = run_register(project.context("gbdt"), project.root / "metrics.json", project.root / "models",
+                         project.features_dir, project.root / "registry.json")
     assert again["candidate"]["version"] == "3" and again["decision"]["alias"] == CHAMPION
 
     # The champion is an MLflow model any consumer loads by alias: predictions plus influence.
@@ -115,11 +124,19 @@ def test_training_run_records_code_data_and_model(project: Project) -> None:
     record = json.loads((project.root / "models" / "historical" / "run.json").read_text())
     run = project.client().get_run(record["run_id"])
     assert run.data.tags["stage"] == "train" and run.data.tags["model"] == "historical"
-    assert "git_commit" in run.data.tags
+    assert run.data.tags[GIT_COMMIT_TAG] == project.commit
     assert run.data.params["train.historical.window_days"] == "30"
     assert "eval_gini" in run.data.metrics  # evaluation writes back to the training run
     logged = mlflow.models.get_model_info(record["model_uri"])
     assert logged.signature is not None and "expected_value" in str(logged.signature.outputs)
+
+
+def test_gate_scores_a_registered_version_as_evaluate_scored_it(project: Project, cdnow_features) -> None:
+    """The gate re-scores the champion from the registry; the candidate's evaluate metrics come from
+    its local model directory. One scoring function: the same version gives the same figures."""
+    candidate = json.loads((project.root / "registry.json").read_text())["candidate"]  # metrics: evaluate's
+    _, gate_metrics = score_model(load_version(MODEL_NAME, candidate["version"]), cdnow_features.eval)
+    assert gate_metrics == candidate["metrics"]
 
 
 def test_gbdt_run_logs_the_influence_table(project: Project) -> None:
@@ -172,7 +189,7 @@ class _Interrupt(KeyboardInterrupt):
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(project: Project) -> None:
-    params = project.params("mlp", {"max_epochs": 4, "patience": 10})
+    ctx = project.context("mlp", {"max_epochs": 4, "patience": 10})
     out = project.root / "models" / "mlp"
 
     def stop_after_second_epoch(metrics: dict, step: int) -> None:
@@ -180,7 +197,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(project: Project) -> N
             raise _Interrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_model("mlp", params, project.features_dir, out, project.root, log_metrics_hook=stop_after_second_epoch)
+        train_model(ctx, "mlp", project.features_dir, out, log_metrics_hook=stop_after_second_epoch)
     assert not out.exists()  # nothing half-written where the stage output goes
     assert any((project.root / ".cache" / "checkpoints" / "mlp").iterdir())
     client = project.client()
@@ -188,7 +205,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(project: Project) -> N
                                      "tags.model = 'mlp'", order_by=["attributes.start_time DESC"])[0]
     assert interrupted.info.status in ("FAILED", "KILLED")
 
-    resumed = train_model("mlp", params, project.features_dir, out, project.root)
+    resumed = train_model(ctx, "mlp", project.features_dir, out)
     assert resumed.summary["resumed_from_epoch"] == 2
     steps = [m.step for m in client.get_metric_history(resumed.run_id, "train_loss")]
     assert steps == [3, 4]  # only the epochs that were left

@@ -1,9 +1,5 @@
-"""The validation gate: a Great Expectations suite on the canonical events table.
-
-Row-level expectations (nulls, vocabulary, ranges, time window) can quarantine the rows
-that break them; table-level ones (duplicate share, enough users and purchases) can only
-pass or fail. The suite itself, not a copy of its rules, decides which rows are bad.
-"""
+"""The validation gate: a Great Expectations suite on the canonical events table; row-level
+expectations can quarantine rows, table-level ones pass or fail (docs/data.md)."""
 
 from __future__ import annotations
 

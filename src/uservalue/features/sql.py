@@ -1,10 +1,5 @@
-"""Features at a cutoff T: per-user aggregates and last-L behaviour sequences from events < T,
-labels from [T, T + horizon).
-
-One SQL definition serves training, evaluation, batch scoring and the service, so there is no
-train/serve skew. It is plain SQL (window functions, FILTER, list aggregation) run by DuckDB over
-Parquet; the same statement maps onto Spark SQL when one machine is no longer enough.
-"""
+"""The one feature definition: per-user aggregates and last-L behaviour sequences from events < T,
+labels from [T, T + horizon); one SQL statement (DuckDB) for training, scoring and the service."""
 
 from __future__ import annotations
 
@@ -12,15 +7,15 @@ import datetime as dt
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
 
 from uservalue import duck
-from uservalue.config import FeaturizeParams, SplitParams
+from uservalue.config import FeaturizeParams
 from uservalue.duck import sql_string
-from uservalue.io import atomic_dir, write_json
 from uservalue.schema import DEFAULT_BEHAVIORS, PURCHASE
 
 # build_features reads DuckDB's result as an Arrow stream on purpose (see there); the "extra copy"
@@ -49,6 +44,11 @@ class FeatureSpec:
     sequence_length: int = 50
     category_buckets: int = 1024
     item_buckets: int = 16384
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FeatureSpec:
+        """The spec as saved in JSON (lists back to tuples)."""
+        return cls(**{**raw, "behaviors": tuple(raw["behaviors"]), "windows_days": tuple(raw["windows_days"])})
 
     @classmethod
     def from_params(cls, params: FeaturizeParams, behaviors: tuple[str, ...]) -> FeatureSpec:
@@ -220,7 +220,7 @@ def connect(params: FeaturizeParams | None = None) -> duckdb.DuckDBPyConnection:
     return duck.connect(memory_limit=params.memory_limit, threads=params.threads)
 
 
-def _register(con: duckdb.DuckDBPyConnection, events: str | Path | pa.Table | pd.DataFrame) -> str:
+def register_events(con: duckdb.DuckDBPyConnection, events: str | Path | pa.Table | pd.DataFrame) -> str:
     if isinstance(events, (str, Path)):
         con.execute(f"CREATE OR REPLACE TEMP VIEW events AS SELECT * FROM read_parquet({sql_string(str(events))})")
     else:
@@ -241,7 +241,7 @@ def build_features(
     own = con is None
     con = con or connect()
     try:
-        source = _register(con, events)
+        source = register_events(con, events)
         # execute + reader: one plan (the relation API plans twice, ~10 ms per call that the
         # service pays on every request) and no extra copy of the rows.
         sql = f"{feature_sql(source, cutoff, spec, label_end)} ORDER BY user_id"
@@ -249,64 +249,3 @@ def build_features(
     finally:
         if own:
             con.close()
-
-
-def label_windows(split: SplitParams) -> dict[str, list[tuple[dt.datetime, dt.datetime]]]:
-    """(cutoff, label end) per split. Training labels are clipped at the evaluation cutoff so no
-    training label ever overlaps the holdout; the clipped length is recorded as `label_days`."""
-    horizon = dt.timedelta(days=split.horizon_days)
-    eval_cutoff = split.eval_cutoff_utc
-    return {
-        "train": [(c, min(c + horizon, eval_cutoff)) for c in split.train_cutoffs_utc],
-        "eval": [(eval_cutoff, eval_cutoff + horizon)],
-    }
-
-
-def write_feature_sets(
-    events: str | Path,
-    split: SplitParams,
-    params: FeaturizeParams,
-    behaviors: tuple[str, ...],
-    out_dir: str | Path,
-) -> dict[str, int]:
-    """The featurize stage: `<out_dir>/{train,eval}.parquet` and `meta.json`, swapped in atomically."""
-    spec = FeatureSpec.from_params(params, behaviors)
-    windows = label_windows(split)
-    rows: dict[str, int] = {}
-    con = connect(params)
-    try:
-        source = _register(con, events)
-        with atomic_dir(out_dir) as tmp:
-            for name, cutoffs in windows.items():
-                if not cutoffs:
-                    continue
-                parts = [
-                    f"SELECT *, {(end - cutoff).total_seconds() / SECONDS_PER_DAY}::DOUBLE AS label_days "
-                    f"FROM ({feature_sql(source, cutoff, spec, end)})"
-                    for cutoff, end in cutoffs
-                ]
-                target = tmp / f"{name}.parquet"
-                con.execute(
-                    f"COPY ({' UNION ALL '.join(parts)} ORDER BY cutoff, user_id) "
-                    f"TO {sql_string(str(target))} (FORMAT PARQUET, COMPRESSION ZSTD)"
-                )
-                rows[name] = con.execute(f"SELECT count(*) FROM read_parquet({sql_string(str(target))})").fetchone()[0]
-            write_json(
-                tmp / "meta.json",
-                {
-                    "spec": spec.__dict__,
-                    "aggregate_columns": spec.aggregate_columns(),
-                    "sequence_columns": list(SEQUENCE_COLUMNS),
-                    "label_columns": [*LABEL_COLUMNS, "label_days"],
-                    "behavior_ids": {b: i for i, b in enumerate(spec.behaviors, start=1)},
-                    "horizon_days": split.horizon_days,
-                    "splits": {
-                        name: [{"cutoff": c.isoformat(), "label_end": e.isoformat()} for c, e in cutoffs]
-                        for name, cutoffs in windows.items()
-                    },
-                    "rows": rows,
-                },
-            )
-    finally:
-        con.close()
-    return rows

@@ -1,29 +1,28 @@
-"""The evaluate stage: every trained model scored on the same evaluation cutoff.
-
-Writes the metrics (a DVC metric), the gains and decile-calibration plot data (DVC plots, one
-series per model), a Markdown comparison table, and the per-user predictions of every model (the
-monitor's reference). The same figures and plots are logged to one MLflow evaluation run and the
-metrics to each model's training run, so the MLflow UI compares models too.
-"""
+"""The evaluate stage: every trained model scored on the same evaluation cutoff -> metrics, plot
+data, a comparison table and per-user predictions (DVC outputs), the same in MLflow. `score_model`
+is the one way a model is scored on a holdout (the registry's gate uses it too)."""
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 
-from uservalue.lifecycle import metrics, tracking
-from uservalue.config import METRIC_HIGHER_IS_BETTER, Params
 from uservalue.errors import InputError
-from uservalue.io import atomic_path, write_json
-from uservalue.models import load_model
-from uservalue.lifecycle.train import read_features, read_meta
+from uservalue.features.store import read_features, read_meta
+from uservalue.io import atomic_path, write_json, write_text
+from uservalue.lifecycle import metrics, tracking
+from uservalue.lifecycle.context import StageContext
+from uservalue.models.base import ValueModel
+from uservalue.models.catalog import load_model
+
+LABEL_COLUMNS = ("user_id", "value", "bought")
 
 
 @dataclass(frozen=True)
@@ -34,36 +33,38 @@ class Evaluation:
     deciles: pd.DataFrame  # long: model, decile, n, mean_actual, mean_predicted
 
 
-def score(metric: str, value: float) -> float:
-    """Higher is better for every metric after this (total_error: closeness to 0)."""
-    if value is None or math.isnan(value):
-        return -math.inf
-    if metric == "total_error":
-        return -abs(value)
-    return value if METRIC_HIGHER_IS_BETTER[metric] else -value
-
-
 def choose_champion(all_metrics: dict[str, dict[str, float]], primary: str) -> str:
     # Ties go to the model listed first (train.models order), so the choice is deterministic.
-    return max(all_metrics, key=lambda name: score(primary, all_metrics[name][primary]))
+    return max(all_metrics, key=lambda name: metrics.score(primary, all_metrics[name][primary]))
+
+
+def score_model(model: ValueModel, features: pd.DataFrame, where: str | Path = "model") -> tuple[pd.DataFrame, dict[str, float]]:
+    """(predictions, metrics) of one model on labelled features: evaluation and the gate's re-score
+    of the champion both come through here, so their figures are comparable exactly."""
+    actual, bought = _labels(features)
+    predicted = model.predict(features)
+    if not predicted["user_id"].equals(features["user_id"].astype(str).reset_index(drop=True)):
+        raise InputError(where, "predictions are not in the order of the features", column="user_id")
+    value_metrics = metrics.value_metrics(actual, predicted["expected_value"].to_numpy(), bought,
+                                          predicted["p_buy"].to_numpy())
+    return predicted, value_metrics
+
+
+def _labels(features: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    for column in LABEL_COLUMNS:
+        if column not in features.columns:
+            raise InputError("eval features", "missing label column", column=column)
+    return features["value"].to_numpy(dtype="float64"), features["bought"].to_numpy(dtype=bool)
 
 
 def evaluate_models(names: list[str] | tuple[str, ...], models_dir: Path, features: pd.DataFrame) -> Evaluation:
-    for column in ("user_id", "value", "bought"):
-        if column not in features.columns:
-            raise InputError("eval features", "missing label column", column=column)
     all_metrics: dict[str, dict[str, float]] = {}
     predictions, gains, deciles = [], [], []
-    actual = features["value"].to_numpy(dtype="float64")
-    bought = features["bought"].to_numpy(dtype=bool)
+    actual, bought = _labels(features)
     for name in names:
         model_dir = models_dir / name / "model"
-        model = load_model(model_dir)
-        predicted = model.predict(features)
-        if not predicted["user_id"].equals(features["user_id"].astype(str).reset_index(drop=True)):
-            raise InputError(model_dir, "predictions are not in the order of the features", column="user_id")
+        predicted, all_metrics[name] = score_model(load_model(model_dir), features, model_dir)
         value = predicted["expected_value"].to_numpy()
-        all_metrics[name] = metrics.value_metrics(actual, value, bought, predicted["p_buy"].to_numpy())
         predictions.append(predicted.assign(model=name, value=actual, bought=bought))
         gains.append(metrics.gains_curve(actual, value).assign(model=name))
         deciles.append(metrics.decile_table(actual, value).assign(model=name))
@@ -119,31 +120,31 @@ def _plot_pngs(evaluation: Evaluation, out_dir: Path) -> list[Path]:
 
 
 def run_evaluate(
-    params: Params,
+    ctx: StageContext,
     features_dir: str | Path,
     models_dir: str | Path,
     metrics_path: str | Path,
     plots_dir: str | Path,
     table_path: str | Path,
     predictions_path: str | Path,
-    project_dir: str | Path = ".",
 ) -> dict[str, Any]:
+    params = ctx.params
     features_dir, models_dir, plots_dir = Path(features_dir), Path(models_dir), Path(plots_dir)
     meta = read_meta(features_dir)
     features = read_features(features_dir, "eval")
     evaluation = evaluate_models(params.train.models, models_dir, features)
     primary = params.evaluate.primary_metric
     champion = choose_champion(evaluation.metrics, primary)
-    cutoff = meta["splits"]["eval"][0]["cutoff"]
+    cutoff = meta.eval_cutoff.isoformat()
     runs = {name: json.loads((models_dir / name / "run.json").read_text()) for name in params.train.models}
     report = {
         "models": evaluation.metrics,
         "champion": champion,
         "primary_metric": primary,
         "eval_cutoff": cutoff,
-        "horizon_days": meta["horizon_days"],
+        "horizon_days": meta.horizon_days,
         "users": len(features),
-        "features_md5": tracking.dvc_output_hashes(project_dir, "featurize").get("data/features", ""),
+        "features_md5": tracking.dvc_output_hashes(ctx.root, "featurize").get("data/features", ""),
         "runs": {name: run["run_id"] for name, run in runs.items()},
     }
 
@@ -159,19 +160,17 @@ def run_evaluate(
     actual = evaluation.deciles[evaluation.deciles["model"] == champion][["decile", "mean_actual"]]
     with atomic_path(plots_dir / "deciles_actual.csv") as tmp:
         actual.rename(columns={"mean_actual": "actual"}).to_csv(tmp, index=False)
-    with atomic_path(table_path) as tmp:
-        tmp.write_text(comparison_markdown(evaluation, champion, primary, cutoff, meta["horizon_days"]))
+    write_text(table_path, comparison_markdown(evaluation, champion, primary, cutoff, meta.horizon_days))
     with atomic_path(predictions_path) as tmp:
         evaluation.predictions.to_parquet(tmp, index=False)
 
-    tracking.configure(params.tracking, project_dir)
+    ctx.tracking()
     client = mlflow.MlflowClient()
     for name, run in runs.items():
         for key, value in evaluation.metrics[name].items():
             client.log_metric(run["run_id"], f"eval_{key}", value)
     with mlflow.start_run(run_name="evaluate"):
-        mlflow.set_tags({"stage": "evaluate", "champion": champion, "git_commit": tracking.git_commit(project_dir),
-                         "dvc.data/features": report["features_md5"], **tracking.run_context_tags()})
+        mlflow.set_tags({"stage": "evaluate", "champion": champion, **tracking.lineage_tags(ctx.root, "featurize")})
         mlflow.log_metrics({f"{name}.{k}": v for name, row in evaluation.metrics.items() for k, v in row.items()})
         with tempfile.TemporaryDirectory() as pngs:  # images go to MLflow only; DVC plots the CSVs
             for path in _plot_pngs(evaluation, Path(pngs)):

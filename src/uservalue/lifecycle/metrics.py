@@ -1,38 +1,16 @@
-"""Metrics for customer-value predictions: ranking (Gini, Spearman, top-decile capture), calibration
-(decile table, decile MAPE, total error), point error (MAE, RMSE) and purchase AUC.
-
-They follow google/lifetime_value (`lifetime_value/metrics.py`, Wang, Liu & Miao 2019,
-arXiv:1912.07753) — normalized Gini over the gain chart and decile charts — with three changes
-that make them safe to compare across models and runs:
-
-- **Ties never depend on row order.** Value predictions are full of ties (every user predicted 0,
-  every user of a constant baseline). Sorting by prediction and taking a cumulative sum, as the
-  original does, makes the result depend on where tied rows happen to sit. Here a block of tied
-  predictions shares its actual value evenly: the gain curve is the *expected* curve over all
-  orders inside the block, so it is a function of the data, not of the row order.
-- **The Gini is the exact area of the piecewise-linear gain curve from (0, 0)** (trapezoid rule)
-  rather than the mean of its right end points: raw = 2 * mean(gain) - 1 - 1/n. The original's
-  `2 * mean(gain) - 1` is biased by +1/n, so a constant prediction scored 1/n / raw_perfect instead
-  of 0 and the reversed ranking scored slightly above -1. With the correction a constant prediction
-  gives exactly 0 and the reversed ranking exactly -1 (up to float rounding); as n grows the two
-  definitions agree (they differ by O(1/n)).
-- **Deciles are formed on prediction rank**, not on `pd.qcut` of the values, so ten equal-size
-  groups exist even when many predictions are equal (qcut fails on duplicate edges).
-
-Everything is vectorised numpy; each metric sorts once (`value_metrics` shares the sorts), so
-10^6 users take a fraction of a second. No I/O, no MLflow: callers log the returned floats.
-
-Expected inputs: `y_true` is a non-negative value per user (metrics that normalise by the total
-value return NaN when it is not positive); predictions are any finite numbers.
-"""
+"""Metrics of value predictions (ranking, calibration, point error, purchase AUC), tested against
+scipy/scikit-learn; why they differ from google/lifetime_value's in ties and the Gini: docs/metrics.md."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+
+from uservalue.config import METRICS
 
 __all__ = [
     "auc",
@@ -42,6 +20,7 @@ __all__ = [
     "mae",
     "normalized_gini",
     "rmse",
+    "score",
     "spearman",
     "top_decile_capture",
     "total_error",
@@ -52,16 +31,16 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 N_DECILES = 10
-VALUE_METRIC_KEYS = (
-    "gini",
-    "spearman",
-    "mae",
-    "rmse",
-    "top_decile_capture",
-    "decile_mape",
-    "total_error",
-    "auc",
-)
+VALUE_METRIC_KEYS = tuple(METRICS)
+
+
+def score(metric: str, value: float | None) -> float:
+    """The metric as a score where higher is better for every metric (total_error: closeness to 0)."""
+    if value is None or math.isnan(value):
+        return -math.inf
+    if metric == "total_error":
+        return -abs(value)
+    return value if METRICS[metric] else -value
 
 
 # --------------------------------------------------------------------------- input validation

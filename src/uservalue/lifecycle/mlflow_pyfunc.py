@@ -1,8 +1,5 @@
-"""The MLflow "model from code" entry: MLflow loads this file instead of unpickling an object.
-
-`uservalue.lifecycle.tracking.log_value_model` logs it with the saved ValueModel directory as the artifact
-`model`; see uservalue.lifecycle.tracking.UserValuePyfunc.
-"""
+"""The MLflow "model from code" entry (no pickles): logged by tracking.log_value_model with the saved
+ValueModel as the artifact `model`."""
 
 import mlflow
 

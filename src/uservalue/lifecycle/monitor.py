@@ -1,12 +1,5 @@
-"""Drift of the predictions and key features between a reference window (the evaluation run's
-predictions and features) and a current window, with Evidently 0.7's Report API.
-
-Every column is compared with one distance (`monitor.method`, Wasserstein by default), so "drifted"
-always means distance >= `monitor.column_threshold`, whatever the sample size (Evidently's default
-switches between p-values and distances by size, which would flip the comparison). The verdict
-flags drift when a prediction column drifts or the share of drifted columns reaches
-`monitor.drift_share`.
-"""
+"""The monitor stage: Evidently drift of the champion's predictions and key features, current window
+against the evaluation-time reference, as an HTML report and a JSON verdict (docs/monitoring.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +12,9 @@ import pandas as pd
 from uservalue.config import MonitorParams
 from uservalue.duck import sql_string
 from uservalue.errors import InputError
+from uservalue.features.store import read_features
 from uservalue.io import atomic_path, write_json
+from uservalue.lifecycle.context import StageContext
 
 
 def _columns(frame: pd.DataFrame, cfg: MonitorParams, name: str) -> list[str]:
@@ -94,11 +89,11 @@ def default_as_of(events: pd.DataFrame | str | Path) -> dt.datetime:
     return (last.floor("D") + pd.Timedelta(days=1)).to_pydatetime()
 
 
-def current_window(params: Any, model: Any, events: Path, log_dir: Path, now: dt.datetime) -> tuple[pd.DataFrame, dict]:
+def current_window(cfg: MonitorParams, model: Any, events: Path, log_dir: Path, now: dt.datetime) -> tuple[pd.DataFrame, dict]:
     """The predictions to compare with the reference: a freshly scored batch or the prediction log."""
-    from uservalue.serving.scorer import read_prediction_log, score_events
+    from uservalue.serving.prediction_log import read_prediction_log
+    from uservalue.serving.scorer import score_events
 
-    cfg: MonitorParams = params.monitor
     if cfg.current == "log":
         since = now - dt.timedelta(days=cfg.log_days)
         frame = read_prediction_log(log_dir, since=since, until=now)
@@ -117,8 +112,8 @@ def current_window(params: Any, model: Any, events: Path, log_dir: Path, now: dt
     return frame, {"source": "batch", "path": str(events), "as_of": as_of.isoformat(), "rows": len(frame)}
 
 
-def run_monitor(params: Any, project_dir: str | Path, events: str | Path, features_dir: str | Path,
-                log_dir: str | Path, out_dir: str | Path, now: dt.datetime | None = None) -> dict[str, Any]:
+def run_monitor(ctx: StageContext, events: str | Path, features_dir: str | Path, log_dir: str | Path,
+                out_dir: str | Path, now: dt.datetime | None = None) -> dict[str, Any]:
     """The monitor stage: champion predictions on the evaluation features (reference) against the
     current window; Evidently report and verdict to `out_dir`, and both to an MLflow run."""
     import mlflow
@@ -126,14 +121,13 @@ def run_monitor(params: Any, project_dir: str | Path, events: str | Path, featur
     from uservalue.lifecycle import tracking
     from uservalue.lifecycle.registry import load_registered
     from uservalue.serving.scorer import score_features
-    from uservalue.lifecycle.train import read_features
 
-    project_dir = Path(project_dir)
+    params = ctx.params
     now = now or dt.datetime.now(dt.UTC)
-    model, info = load_registered(params, project_dir)
+    model, info = load_registered(ctx)
     eval_features = read_features(Path(features_dir), "eval")
     reference = score_features(model, eval_features)
-    current, current_meta = current_window(params, model, Path(events), Path(log_dir), now)
+    current, current_meta = current_window(params.monitor, model, Path(events), Path(log_dir), now)
     snapshot, verdict = drift_report(reference, current, params.monitor)
     verdict = {
         **verdict,
@@ -143,7 +137,7 @@ def run_monitor(params: Any, project_dir: str | Path, events: str | Path, featur
                       "rows": len(reference)},
         "current": current_meta,
     }
-    tracking.configure(params.tracking, project_dir)
+    ctx.tracking()
     with mlflow.start_run(run_name="monitor") as run:
         verdict["mlflow_run_id"] = run.info.run_id
         html = write_monitoring(snapshot, verdict, out_dir, now)

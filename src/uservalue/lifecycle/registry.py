@@ -1,14 +1,6 @@
-"""The register stage: a gated promotion in the MLflow model registry.
-
-The evaluation champion is registered as a new version of `register.model_name`. It takes the
-alias `champion` only when it beats the current champion *on the same evaluation set* (the
-current champion is re-scored on today's evaluation features, so a change of data never compares
-figures from two different holdouts) by `register.min_delta` on the primary metric, with no guard
-metric worse than its tolerance. Otherwise it gets the alias `challenger`.
-
-The switch is one `set_registered_model_alias` call, and nothing ever removes `champion` first,
-so a failed or killed run leaves the previous champion in place.
-"""
+"""The register stage: the evaluation champion becomes a new registry version and takes the alias
+`champion` only through the gate (see `decide`; both models scored on today's holdout by
+evaluate.score_model), else `challenger`. One alias update: never a registry without a champion."""
 
 from __future__ import annotations
 
@@ -20,12 +12,15 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from uservalue.lifecycle import metrics, tracking
-from uservalue.config import Params, RegisterParams
+from uservalue.config import RegisterParams
 from uservalue.errors import InputError
-from uservalue.lifecycle.evaluate import score
+from uservalue.features.store import read_features
 from uservalue.io import write_json
-from uservalue.lifecycle.train import read_features
+from uservalue.lifecycle import metrics
+from uservalue.lifecycle.context import StageContext
+from uservalue.lifecycle.evaluate import score_model
+from uservalue.models.base import ModelInfo
+from uservalue.models.catalog import load_model
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -44,14 +39,14 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, cfg: 
         return GateDecision(True, ["no champion yet"])
     reasons: list[str] = []
     primary = cfg.primary_metric
-    gain = score(primary, candidate[primary]) - score(primary, champion[primary])
+    gain = metrics.score(primary, candidate[primary]) - metrics.score(primary, champion[primary])
     promote = gain >= cfg.min_delta and gain > 0
     reasons.append(
         f"{primary}: candidate {candidate[primary]:.4f} vs champion {champion[primary]:.4f} "
         f"(improvement {gain:+.4f}, required > 0 and >= {cfg.min_delta})"
     )
     for metric, tolerance in cfg.guards.items():
-        loss = score(metric, champion[metric]) - score(metric, candidate[metric])
+        loss = metrics.score(metric, champion[metric]) - metrics.score(metric, candidate[metric])
         if loss > tolerance:
             promote = False
             reasons.append(f"guard {metric}: candidate {candidate[metric]:.4f} vs champion "
@@ -79,26 +74,20 @@ def _version_for_run(client: mlflow.MlflowClient, name: str, run_id: str, model_
     return mlflow.register_model(model_uri, name)
 
 
-def rescore(model_uri: str, features: Any) -> dict[str, float]:
-    """Metrics of a registered model on the given evaluation features (its pyfunc, as served)."""
-    model = mlflow.pyfunc.load_model(model_uri)
-    predicted = model.predict(tracking.to_model_input(features))
-    return metrics.value_metrics(
-        features["value"].to_numpy(dtype="float64"),
-        predicted["expected_value"].to_numpy(dtype="float64"),
-        features["bought"].to_numpy(dtype=bool),
-        predicted["p_buy"].to_numpy(dtype="float64"),
-    )
+def load_version(name: str, version: str) -> Any:
+    """The ValueModel of a registry version, loaded from its artifact (the model inside the pyfunc)."""
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+    return load_model(local / "artifacts" / "model")
 
 
 def run_register(
-    params: Params,
+    ctx: StageContext,
     metrics_path: str | Path,
     models_dir: str | Path,
     features_dir: str | Path,
     out_path: str | Path,
-    project_dir: str | Path = ".",
 ) -> dict[str, Any]:
+    params = ctx.params
     metrics_path, models_dir = Path(metrics_path), Path(models_dir)
     if not metrics_path.is_file():
         raise InputError(metrics_path, "evaluation metrics are missing", expected="the evaluate stage's output")
@@ -110,7 +99,7 @@ def run_register(
     cfg = params.register_
     name = cfg.model_name
 
-    tracking.configure(params.tracking, project_dir)
+    ctx.tracking()
     client = mlflow.MlflowClient()
     version = _version_for_run(client, name, run["run_id"], run["model_uri"])
     for key, value in {
@@ -125,7 +114,8 @@ def run_register(
     if champion is not None and str(champion.version) == str(version.version):
         decision, champion_metrics = GateDecision(False, ["the candidate is already the champion"]), candidate_metrics
     else:
-        champion_metrics = rescore(f"models:/{name}/{champion.version}", features) if champion else None
+        champion_metrics = (score_model(load_version(name, champion.version), features, f"models:/{name}/{champion.version}")[1]
+                            if champion else None)
         decision = decide(candidate_metrics, champion_metrics, cfg)
         # One alias update: the registry is never without a champion.
         client.set_registered_model_alias(name, CHAMPION if decision.promote else CHALLENGER, version.version)
@@ -148,10 +138,10 @@ def run_register(
     return record
 
 
-def registered_version(params: Params, project_dir: str | Path = ".", alias: str = CHAMPION) -> Any:
+def registered_version(ctx: StageContext, alias: str = CHAMPION) -> Any:
     """The model version behind `models:/<register.model_name>@<alias>` (an error if there is none)."""
-    tracking.configure(params.tracking, project_dir)
-    name = params.register_.model_name
+    ctx.tracking()
+    name = ctx.params.register_.model_name
     version = current_alias(mlflow.MlflowClient(), name, alias)
     if version is None:
         raise InputError(f"models:/{name}@{alias}", "no such registered model version",
@@ -159,15 +149,10 @@ def registered_version(params: Params, project_dir: str | Path = ".", alias: str
     return version
 
 
-def load_registered(params: Params, project_dir: str | Path = ".", alias: str = CHAMPION) -> tuple[Any, Any]:
-    """(ValueModel, ModelInfo) of `models:/<register.model_name>@<alias>`, loaded directly from its
-    artifact (the saved ValueModel inside the pyfunc), as the service loads it."""
-    from uservalue.models import load_model
-    from uservalue.models.base import ModelInfo
-
-    version = registered_version(params, project_dir, alias)
-    name = params.register_.model_name
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
-    model = load_model(local / "artifacts" / "model")
+def load_registered(ctx: StageContext, alias: str = CHAMPION) -> tuple[Any, ModelInfo]:
+    """(ValueModel, ModelInfo) of `models:/<register.model_name>@<alias>`, as the service loads it."""
+    version = registered_version(ctx, alias)
+    name = ctx.params.register_.model_name
+    model = load_version(name, str(version.version))
     return model, ModelInfo(name=name, version=str(version.version), run_id=version.run_id,
                             model_type=version.tags.get("model", ""))

@@ -1,13 +1,9 @@
-"""MLflow wiring: where runs go, what every run records about its code and data, and how a
-ValueModel becomes an MLflow model that evaluation, the registry and serving load alike.
-
-Nothing here runs at import time; `configure` connects when a stage asks for it.
-"""
+"""MLflow wiring: where runs go, what every run records about its code and data (lineage), and how
+a ValueModel is logged as an MLflow pyfunc. Nothing connects at import time."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,13 +43,25 @@ def configure(params: TrackingParams, project_dir: str | Path = ".") -> str:
     return experiment_id
 
 
-def git_commit(project_dir: str | Path = ".") -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True, text=True,
-                             check=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+# MLflow error codes of a store that is down or overloaded (not of a bad request).
+_TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED",
+                              "DEADLINE_EXCEEDED", "ENDPOINT_NOT_FOUND"})
+
+
+def is_store_failure(error: BaseException) -> bool:
+    """True for a tracking/registry store that cannot be reached or written right now (the CLI exits
+    EXIT_TRANSIENT for it, so orchestrators retry)."""
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, (requests.exceptions.RequestException, sqlalchemy.exc.OperationalError, OSError)):
+        return True
+    if isinstance(error, MlflowException):
+        cause = error.__cause__ or error.__context__
+        return error.error_code in _TRANSIENT_CODES or "API request to" in str(error) or (
+            cause is not None and is_store_failure(cause))
+    return False
 
 
 # Set by the Airflow task that runs a stage (uservalue.orchestration.airflow_tasks): which run asked for it, and why.
@@ -80,6 +88,23 @@ def dvc_output_hashes(project_dir: str | Path, stage: str) -> dict[str, str]:
     return {out["path"]: out.get("md5", "") for out in stages.get(stage, {}).get("outs", [])}
 
 
+# MLflow's own tag for the code version (the UI shows it with the run's source).
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+
+def lineage_tags(root: Path, upstream_stage: str) -> dict[str, str]:
+    """What a run was made from: the project's git commit, the DVC hashes of the upstream stage's
+    outputs, and the orchestrator run that asked for it."""
+    from mlflow.utils.git_utils import get_git_commit
+
+    commit = get_git_commit(str(root))
+    return {
+        **({GIT_COMMIT_TAG: commit} if commit else {}),
+        **{f"dvc.{path}": md5 for path, md5 in dvc_output_hashes(root, upstream_stage).items()},
+        **run_context_tags(),
+    }
+
+
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"prefix.a.b": 1}: nested params as MLflow params."""
     if isinstance(value, Mapping):
@@ -94,7 +119,7 @@ class UserValuePyfunc(mlflow.pyfunc.PythonModel):
     """Any ValueModel as an MLflow pyfunc: features in, predictions and influence out."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from uservalue.models import load_model
+        from uservalue.models.catalog import load_model
 
         self.model = load_model(context.artifacts["model"])
 

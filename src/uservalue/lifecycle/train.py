@@ -1,26 +1,23 @@
-"""The train stage: fit one model on the training cutoffs, save it, and track the run in MLflow.
-
-Outputs (one directory per model, swapped in atomically so a failed run keeps the last good one):
-`model/` (the saved ValueModel), `run.json` (MLflow run id and model URI), `influence.json`.
-"""
+"""The train stage: fit one model on the training cutoffs, save it to `<out>/{model/, run.json,
+influence.json, summary.json}` (swapped in atomically) and track the run in MLflow."""
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import pandas as pd
 
-from uservalue.lifecycle import tracking
-from uservalue.config import Params
 from uservalue.errors import InputError
+from uservalue.features.store import read_features, read_meta
 from uservalue.io import atomic_dir, write_json
-from uservalue.models import create_model
-from uservalue.models.base import FitContext, spec_from_meta
+from uservalue.lifecycle import tracking
+from uservalue.lifecycle.context import StageContext
+from uservalue.models.base import FitContext
+from uservalue.models.catalog import create_model
 
 CHECKPOINT_ROOT = Path(".cache") / "checkpoints"
 
@@ -35,53 +32,36 @@ class TrainResult:
     seconds: float
 
 
-def read_meta(features_dir: Path) -> dict[str, Any]:
-    path = features_dir / "meta.json"
-    if not path.is_file():
-        raise InputError(path, "feature metadata is missing", expected="the featurize stage's meta.json")
-    return json.loads(path.read_text())
-
-
-def read_features(features_dir: Path, split: str) -> pd.DataFrame:
-    path = features_dir / f"{split}.parquet"
-    if not path.is_file():
-        raise InputError(path, f"{split} features are missing", expected="the featurize stage's output")
-    return pd.read_parquet(path)
-
-
 def train_model(
+    ctx: StageContext,
     name: str,
-    params: Params,
     features_dir: str | Path,
     out_dir: str | Path,
-    project_dir: str | Path = ".",
-    log_metrics_hook: Any = None,
+    log_metrics_hook: Callable[[dict[str, float], int], None] | None = None,
 ) -> TrainResult:
-    features_dir, out_dir, project_dir = Path(features_dir), Path(out_dir), Path(project_dir)
+    features_dir, out_dir = Path(features_dir), Path(out_dir)
+    params = ctx.params
     meta = read_meta(features_dir)
-    spec = spec_from_meta(meta)
     train = read_features(features_dir, "train")
     if train.empty:
         raise InputError(features_dir / "train.parquet", "no training rows", expected="at least one user per cutoff")
-    model = create_model(name, params.train.model_params(name), spec, meta["horizon_days"])
+    model = create_model(name, params.train.model_params(name), meta.spec, meta.horizon_days)
 
-    tracking.configure(params.tracking, project_dir)
+    ctx.tracking()
     started = time.perf_counter()
     with mlflow.start_run(run_name=f"train-{name}") as run:
         mlflow.set_tags({
             "stage": "train",
             "model": name,
-            "git_commit": tracking.git_commit(project_dir),
-            **{f"dvc.{path}": md5 for path, md5 in tracking.dvc_output_hashes(project_dir, "featurize").items()},
-            **tracking.run_context_tags(),
+            **tracking.lineage_tags(ctx.root, "featurize"),
         })
         mlflow.log_params({
             **tracking.flatten(f"train.{name}", model.params.model_dump(mode="json")),
             "train.seed": params.train.seed,
             "train.device": params.train.device,
             "train.valid_fraction": params.train.valid_fraction,
-            "split.horizon_days": meta["horizon_days"],
-            "split.train_cutoffs": ",".join(s["cutoff"] for s in meta["splits"]["train"]),
+            "split.horizon_days": meta.horizon_days,
+            "split.train_cutoffs": ",".join(c.isoformat() for c in meta.train_cutoffs),
             "train.rows": len(train),
         })
 
@@ -90,14 +70,14 @@ def train_model(
             if log_metrics_hook is not None:
                 log_metrics_hook(metrics, step)
 
-        ctx = FitContext(
+        fit_ctx = FitContext(
             seed=params.train.seed,
             device=params.train.device,
             valid_fraction=params.train.valid_fraction,
-            checkpoint_dir=project_dir / CHECKPOINT_ROOT / name,
+            checkpoint_dir=ctx.root / CHECKPOINT_ROOT / name,
             log_metrics=log_epoch,
         )
-        summary = model.fit(train, ctx)
+        summary = model.fit(train, fit_ctx)
         numeric = {f"fit_{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)}
         mlflow.log_metrics(numeric)
         mlflow.log_params({f"fit.{k}": v for k, v in summary.items() if not isinstance(v, int | float)})
@@ -118,5 +98,5 @@ def train_model(
             }
             write_json(tmp / "run.json", record)
             write_json(tmp / "influence.json", influence or {})
-            write_json(tmp / "summary.json", {k: v for k, v in summary.items()})
+            write_json(tmp / "summary.json", dict(summary))
     return TrainResult(name, run.info.run_id, info.model_uri, summary, influence, time.perf_counter() - started)

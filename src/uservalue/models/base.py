@@ -1,19 +1,5 @@
-"""One interface for every model: fit on training-cutoff features, predict at any cutoff.
-
-How label windows of different lengths are handled (CDNOW has no full 273-day label window before
-the evaluation cutoff): every model predicts a *rate*. A training row carries its label window
-length `label_days` (92 or 183 days on CDNOW, always <= horizon) and the models treat it as an
-exposure, like an actuarial GLM:
-
-- purchases follow a per-user Poisson process with hazard `lam(x)` per day, so
-  `P(buy within d days) = 1 - exp(-lam(x) * d)` (complementary log-log link with offset `log d`);
-- the expected value grows with the window: `E[value within d days] = rate(x) * d` (log link with
-  offset `log d`, or, equivalently for the squared-error models, the label scaled by horizon/d).
-
-Prediction sets `d = horizon_days`. The assumption is a constant per-user rate inside the horizon;
-the features (recency, tenure) carry how likely a user is still active, and models that can (the
-linear and deep ones) also learn a coefficient on `log(d / horizon)` from the two window lengths.
-"""
+"""One interface for every model: fit on training-cutoff features, predict at any cutoff; label
+windows of different lengths are exposures (docs/models-baselines.md)."""
 
 from __future__ import annotations
 
@@ -68,13 +54,6 @@ class FitContext:
     checkpoint_dir: Path | None = None
     log_metrics: Callable[[dict[str, float], int], None] = log_metrics_nowhere
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def spec_from_meta(meta: dict[str, Any]) -> FeatureSpec:
-    raw = dict(meta["spec"])
-    raw["behaviors"] = tuple(raw["behaviors"])
-    raw["windows_days"] = tuple(raw["windows_days"])
-    return FeatureSpec(**raw)
 
 
 def exposure_days(frame: pd.DataFrame, horizon_days: float) -> np.ndarray:
@@ -202,7 +181,7 @@ class ValueModel(ABC):
 
     @classmethod
     def restore(cls, directory: Path, header: dict[str, Any]) -> ValueModel:
-        spec = spec_from_meta(header)
+        spec = FeatureSpec.from_dict(header["spec"])
         model = cls(cls.Params.model_validate(header["params"]), spec, header["horizon_days"])
         model._load_state(directory)
         return model

@@ -1,25 +1,5 @@
-"""BTYD ("buy 'til you die"): BG/NBD or Pareto/NBD for the purchase count x Gamma-Gamma for spend.
-
-Everything statistical comes from pymc-marketing (`pymc_marketing.clv`); this module only maps the
-feature columns onto the library's RFM summary and back:
-
-- frequency = `btyd_frequency` (repeat purchase *days*), recency = `btyd_recency_days` (first to last
-  purchase), T = `btyd_age_days` (first purchase to the cutoff), all divided by `time_unit_days`
-  (weeks by default, which keeps the optimiser well conditioned);
-- monetary_value = `monetary_sum / purchase_days`, the spend per purchase day. A BTYD "transaction"
-  is a purchase day (that is what frequency counts), so spend per purchase day times expected
-  purchase days is the expected value. It averages *all* purchase days including the first, an
-  approximation of the repeat-purchase mean the Gamma-Gamma textbook conditions on.
-
-Users with no purchase before the cutoff (the feature SQL gives them btyd_* = 0) are treated per the
-model as customers with frequency 0, recency 0 and T = `tenure_days` (days since their first event):
-as if their first event had been the first "purchase" and they had not come back since. A user who
-has been around long without buying therefore scores lower than a fresh one. They take part in the
-fit the same way, so the fitted population is the population that is scored (on CDNOW, where every
-user has bought, this changes nothing).
-
-BTYD needs no labels: `fit` uses only the history before the latest cutoff in the training rows.
-"""
+"""BTYD: BG/NBD or Pareto/NBD purchase counts x Gamma-Gamma spend, from pymc-marketing; this module
+maps feature columns to the library's RFM summary and back (docs/models-baselines.md)."""
 
 from __future__ import annotations
 

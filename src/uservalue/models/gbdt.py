@@ -1,13 +1,5 @@
-"""Gradient boosting (LightGBM) on the aggregates: one booster for p_buy, one for value.
-
-Label windows of different length are exposures (see uservalue.models.base), passed to LightGBM as
-`init_score` offsets, which trees cannot learn from a feature because they do not extrapolate:
-- p_buy: Bernoulli likelihood with the complementary log-log link, offset log(label_days) (a
-  Poisson purchase process), as a custom objective;
-- value: Tweedie (log link), offset log(label_days / horizon).
-Scoring puts the offsets at the full horizon. Attribution uses LightGBM's exact TreeSHAP
-contributions (`pred_contrib`), grouped by the behaviour each column describes.
-"""
+"""Gradient boosting (LightGBM) on the aggregates: a cloglog booster for p_buy and a Tweedie one for
+value, label windows as offsets, TreeSHAP attribution (docs/models-baselines.md)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Exposure-aware link functions shared by the models (see uservalue.models.base).
-
-P(buy within d days) = 1 - exp(-exp(eta + log d)): the complementary log-log link of a Poisson
-process with hazard exp(eta) per day. Written with log1p/expm1 so tiny and huge hazards stay
-finite.
-"""
+"""Exposure-aware links shared by the models: P(buy within d days) = 1 - exp(-exp(eta + log d)),
+written with log1p/expm1 so tiny and huge hazards stay finite."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""The simplest systems of the literature: logistic regression for p_buy and ridge regression on
-log value, on log-scaled, standardised aggregates, combined as a hurdle model:
-expected_value = p_buy x E[value | the user buys].
-
-The ridge fits only the users who spent (a zero-inflated log target would make the
-retransformation meaningless). The label window length enters both as the column
-log(label_days / horizon), 0 when scoring, so each learns how its target grows with the window.
-Retransformation from the log scale uses Duan's smearing estimator, so the mean is not biased low.
-"""
+"""Logistic regression for p_buy and ridge on log value (a hurdle model, Duan's smearing), on
+log-scaled standardised aggregates (docs/models-baselines.md)."""
 
 from __future__ import annotations
 

@@ -1,18 +1,5 @@
-"""A Taobao-like behaviour log with planted ground truth, streamed to Parquet in bounded memory.
-
-The generative story (all of it written to the truth directory):
-- each user is born in the first half of the period and stays active for an exponential
-  lifetime; while active, non-purchase events (view, fav, cart) arrive as a Poisson process
-  whose daily intensity follows a yearly + weekly seasonality;
-- a user's behaviour mix is drawn around the global mix, their spend level is lognormal;
-- every non-purchase event of behaviour b *causes* a purchase of the same item with the planted
-  probability influence[b], after an exponential delay. So influence[b] is the expected number of
-  purchases one event of type b leads to: the ground truth of "behaviour influence";
-- `drift` shifts the behaviour mix towards views and raises spend (for monitoring tests).
-
-Users are generated in fixed blocks with their own seeds, so the output depends on the seed and
-parameters only, never on the chunk size.
-"""
+"""A Taobao-like behaviour log with planted ground truth (influence per behaviour, seasonality, a
+drift knob), streamed to Parquet in bounded memory (the generative story: docs/data.md)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Read a delimited or Parquet file into canonical event batches, with errors that point at the row.
-
-The happy path streams Arrow batches (fast, bounded memory). When the CSV parser itself
-gives up (bad bytes, wrong field count) a slow line scanner runs once to name the row.
-"""
+"""Read a delimited or Parquet file into canonical event batches (Arrow, streaming); when the CSV
+parser gives up, a line scanner names the bad row."""
 
 from __future__ import annotations
 

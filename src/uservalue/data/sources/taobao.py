@@ -1,8 +1,5 @@
-"""The Alibaba UserBehavior format: headerless `user_id,item_id,category_id,behavior_type,unix_ts`.
-
-Reading goes through the shared tabular reader; writing (`export_taobao_csv`) turns any canonical
-log, such as a synthetic one, into the same format, so the Taobao path can be tested at any size.
-"""
+"""The Alibaba UserBehavior format (headerless `user_id,item_id,category_id,behavior_type,unix_ts`):
+read through the tabular reader; `export_taobao_csv` writes any canonical log in it."""
 
 from __future__ import annotations
 

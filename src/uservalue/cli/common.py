@@ -1,0 +1,119 @@
+"""What every command shares: errors as one line and an exit code, progress bars, params with
+command-line overrides, and the stage context."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from uservalue.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_TRANSIENT,
+    EXIT_VALIDATION_FAILED,
+    TransientError,
+    UservalueError,
+    ValidationFailed,
+)
+
+err = Console(stderr=True)
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="params.yaml to read (one section per stage).")
+]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure a retry may cure: file system or store I/O, not a mistake in input or code."""
+    if isinstance(error, (TransientError, OSError)):
+        return True
+    if "mlflow" in sys.modules:  # only a command that used MLflow can fail in its store
+        from uservalue.lifecycle.tracking import is_store_failure
+
+        return is_store_failure(error)
+    return False
+
+
+def reports_errors(command: F) -> F:
+    """One clear line on stderr and an exit code: 1 validation failed, 2 bad input or configuration
+    (final), 75 transient (orchestrators retry); anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ValidationFailed as error:
+            report("validation failed", error)
+            raise typer.Exit(EXIT_VALIDATION_FAILED) from None
+        except TransientError as error:
+            report("transient failure (retry may help)", error)
+            raise typer.Exit(EXIT_TRANSIENT) from None
+        except UservalueError as error:  # bad input (InputError) or configuration (ConfigError)
+            report("error", error)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            report("transient failure (retry may help)", f"{type(error).__name__}: {error}")
+            raise typer.Exit(EXIT_TRANSIENT) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def report(kind: str, error: Exception | str) -> None:
+    err.print(f"[bold red]{kind}[/]: ", end="")
+    # Messages quote user data and "[...]" hints: never read them as markup.
+    err.print(str(error), markup=False, highlight=False, soft_wrap=True)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f} rows"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def counting(progress: Progress, description: str, tables: Iterable[Any], total: float | None = None) -> Iterator[Any]:
+    task = progress.add_task(description, total=total)
+    for table in tables:
+        progress.advance(task, table.num_rows)
+        yield table
+
+
+def load(params: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """The validated params, with the options a command overrides (None: not given)."""
+    from uservalue.config import load_params, parse_params
+    from uservalue.orchestration.stage_runner import apply_overrides
+
+    loaded = load_params(params)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if not given:
+        return loaded
+    raw = apply_overrides(loaded.model_dump(mode="json", by_alias=True), given, str(params))
+    return parse_params(raw, f"{params} (with command-line overrides)")
+
+
+def stage_context(params: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """The StageContext of a lifecycle command: the working directory is the project."""
+    from uservalue.lifecycle.context import StageContext
+
+    return StageContext(root=Path.cwd(), params=load(params, overrides))
+
+
+def run_one(command: Callable[..., Any], args: list[str], prog_name: str) -> None:
+    """Run one command as its own program (a DVC stage's entry script), loading only its module."""
+    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    app.command()(command)
+    app(args, prog_name=prog_name)

@@ -1,0 +1,149 @@
+"""Commands of the data stages: ingest, validate, featurize, and `generate` for synthetic logs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from uservalue.cli.common import ParamsOption, counting, err, load, progress_bar, reports_errors
+from uservalue.errors import ConfigError, InputError
+
+
+@reports_errors
+def ingest(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Canonical events Parquet to write (sorted by user, time).")] = Path(
+        "data/events.parquet"
+    ),
+    truth_dir: Annotated[
+        Path, typer.Option(help="Where the synthetic source writes its planted truth (a stub for real data).")
+    ] = Path("data/truth"),
+    source: Annotated[
+        str | None, typer.Option(help="Override data.source: cdnow | taobao | synthetic | file.")
+    ] = None,
+    path: Annotated[str | None, typer.Option(help="Override data.path (file read by taobao / file).")] = None,
+) -> None:
+    """Read the configured source (params `data`) into one canonical events table."""
+    from uservalue.data.sources import ingest as run_ingest
+
+    cfg = load(params, {"data.source": source, "data.path": path})
+    with progress_bar() as progress:
+        task = progress.add_task(f"ingest {cfg.data.source}", total=None)
+        result = run_ingest(cfg.data, out, truth_dir)
+        progress.update(task, completed=result.events, total=result.events)
+    err.print(f"ingest: {result.events:,} events from {result.source} -> {out}")
+
+
+@reports_errors
+def validate(
+    params: ParamsOption = Path("params.yaml"),
+    events: Annotated[Path, typer.Option(help="Canonical events to check.")] = Path("data/events.parquet"),
+    out: Annotated[Path, typer.Option(help="Events that passed, written only if the gate passes.")] = Path(
+        "data/validated.parquet"
+    ),
+    quarantine: Annotated[Path, typer.Option(help="Rows moved aside in quarantine mode, with the reason.")] = Path(
+        "data/quarantine.parquet"
+    ),
+    report_dir: Annotated[
+        Path, typer.Option(help="Validation result (JSON), summary and Data Docs (HTML).")
+    ] = Path("reports/validation"),
+    mode: Annotated[str | None, typer.Option(help="Override validate.mode: fail | quarantine.")] = None,
+) -> None:
+    """Run the Great Expectations suite (params `validate`); exit 1 if the gate fails."""
+    from uservalue.data.validation import validate_file
+
+    cfg = load(params, {"validate.mode": mode})
+    if not events.is_file():
+        raise InputError(events, "file does not exist", expected="the output of `uservalue ingest`")
+    with progress_bar() as progress:
+        task = progress.add_task("validate", total=None)
+        outcome = validate_file(
+            events, cfg.validate_, cfg.data.behaviors,
+            out=out, quarantine_out=quarantine, report_dir=report_dir,
+        )
+        progress.update(task, completed=outcome.rows, total=outcome.rows)
+    err.print(
+        f"validate: {len(outcome.clean):,} rows passed, {len(outcome.quarantined):,} quarantined "
+        f"({outcome.quarantine_share:.2%}); report in {report_dir}"
+    )
+
+
+@reports_errors
+def featurize(
+    params: ParamsOption = Path("params.yaml"),
+    events: Annotated[Path, typer.Option(help="Validated canonical events.")] = Path("data/validated.parquet"),
+    out_dir: Annotated[Path, typer.Option(help="Directory for train.parquet, eval.parquet, meta.json.")] = Path(
+        "data/features"
+    ),
+) -> None:
+    """Build features and labels at the cutoffs of params `split` (definition: params `featurize`)."""
+    from uservalue.features.store import write_feature_sets
+
+    cfg = load(params)
+    if not events.is_file():
+        raise InputError(events, "file does not exist", expected="the output of `uservalue validate`")
+    with progress_bar() as progress:
+        task = progress.add_task("featurize", total=None)
+        rows = write_feature_sets(events, cfg.split, cfg.featurize, cfg.data.behaviors, out_dir)
+        progress.update(task, completed=sum(rows.values()), total=sum(rows.values()))
+    err.print("featurize: " + ", ".join(f"{k}={v:,} users" for k, v in rows.items()) + f" -> {out_dir}")
+
+
+@reports_errors
+def generate(
+    out: Annotated[Path, typer.Option(help="Parquet file for the generated events.")] = Path(
+        "data/synthetic/events.parquet"
+    ),
+    truth_dir: Annotated[Path, typer.Option(help="Directory for the planted truth.")] = Path(
+        "data/synthetic/truth"
+    ),
+    params: ParamsOption = Path("params.yaml"),
+    users: Annotated[int | None, typer.Option(min=1, help="Number of users.")] = None,
+    events_per_user: Annotated[
+        float | None, typer.Option(min=0.001, help="Mean non-purchase events per user.")
+    ] = None,
+    days: Annotated[int | None, typer.Option(min=2, help="Length of the log in days.")] = None,
+    start: Annotated[
+        dt.datetime | None, typer.Option(formats=["%Y-%m-%d"], help="First day of the log (YYYY-MM-DD).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed: same seed and options, same bytes.")] = None,
+    drift: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Shift of behaviour mix and spend, 0..1.")
+    ] = None,
+    taobao_csv: Annotated[
+        Path | None,
+        typer.Option(help="Also write the log in the Taobao UserBehavior CSV format (to test that source)."),
+    ] = None,
+) -> None:
+    """Generate a Taobao-like log with planted truth (defaults from params `data.synthetic`)."""
+    from uservalue.config import SyntheticSource, describe_validation_error
+    from uservalue.schema import DEFAULT_BEHAVIORS
+    from uservalue.data.sources.synthetic import generate as run_generate
+
+    # params.yaml supplies the defaults when present; the generator also works without one.
+    base = load(params).data if params.is_file() else None
+    options = {"users": users, "events_per_user": events_per_user, "days": days, "seed": seed, "drift": drift,
+               "start": start.date() if start else None}
+    try:
+        synthetic = SyntheticSource.model_validate(
+            {**(base.synthetic.model_dump() if base else {}), **{k: v for k, v in options.items() if v is not None}}
+        )
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, "generate options")) from None
+    behaviors = base.behaviors if base else DEFAULT_BEHAVIORS
+    expected = synthetic.users * synthetic.events_per_user * 1.03
+    with progress_bar() as progress:
+        result = run_generate(
+            synthetic, out, truth_dir, behaviors=behaviors,
+            progress=lambda tables: counting(progress, "generate", tables, total=expected),
+        )
+    err.print(f"generate: {result.events:,} events for {result.users:,} users -> {out} (truth: {truth_dir})")
+    if taobao_csv is not None:
+        from uservalue.data.sources.taobao import export_taobao_csv
+
+        rows = export_taobao_csv(out, taobao_csv)
+        err.print(f"generate: {rows:,} rows in the Taobao format -> {taobao_csv}")

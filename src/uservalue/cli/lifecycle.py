@@ -1,0 +1,162 @@
+"""Commands of the lifecycle stages: train, evaluate, register, package, monitor, and batch `score`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uservalue.cli.common import ParamsOption, err, progress_bar, reports_errors, stage_context
+from uservalue.errors import EXIT_DRIFT, ConfigError, InputError
+
+
+@reports_errors
+def train(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to train (one of params train.models' names).")],
+    params: ParamsOption = Path("params.yaml"),
+    features_dir: Annotated[Path, typer.Option(help="Output of the featurize stage.")] = Path("data/features"),
+    out_dir: Annotated[Path, typer.Option(help="Directory for the model, run.json and influence.json.")] = Path(
+        "models/<model>"
+    ),
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (overrides train.device).")] = None,
+) -> None:
+    """Fit one model on the training cutoffs and track the run in MLflow (params `train`, `tracking`)."""
+    from uservalue.config import MODEL_NAMES
+    from uservalue.lifecycle.train import train_model
+
+    if model not in MODEL_NAMES:
+        raise ConfigError(f"--model: unknown model '{model}'; known: {list(MODEL_NAMES)}")
+    ctx = stage_context(params, {"train.device": device})
+    target = Path(str(out_dir).replace("<model>", model))
+    with progress_bar() as progress:
+        task = progress.add_task(f"train {model}", total=None)
+
+        def epoch_done(metrics: dict[str, float], step: int) -> None:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            progress.update(task, description=f"train {model} epoch {step}: {shown}")
+
+        result = train_model(ctx, model, features_dir, target, log_metrics_hook=epoch_done)
+    influence = ", ".join(f"{k}={v:.3f}" for k, v in (result.influence or {}).items())
+    err.print(f"train {model}: {result.seconds:.1f} s, run {result.run_id}" + (f", influence {influence}" if influence else ""),
+              markup=False)
+
+
+@reports_errors
+def evaluate(
+    params: ParamsOption = Path("params.yaml"),
+    features_dir: Annotated[Path, typer.Option(help="Output of the featurize stage.")] = Path("data/features"),
+    models_dir: Annotated[Path, typer.Option(help="Directory holding one trained model per subdirectory.")] = Path(
+        "models"
+    ),
+    metrics_out: Annotated[Path, typer.Option(help="Metrics JSON of every model.")] = Path("reports/metrics.json"),
+    plots_dir: Annotated[Path, typer.Option(help="Plot data (gains, decile calibration).")] = Path("reports/plots"),
+    table_out: Annotated[Path, typer.Option(help="Markdown comparison table.")] = Path("reports/model_comparison.md"),
+    predictions_out: Annotated[Path, typer.Option(help="Per-user predictions of every model.")] = Path(
+        "data/predictions/eval.parquet"
+    ),
+) -> None:
+    """Score every trained model on the evaluation cutoff; pick the champion (params `evaluate`)."""
+    from uservalue.lifecycle.evaluate import run_evaluate
+
+    report = run_evaluate(stage_context(params), features_dir, models_dir, metrics_out, plots_dir, table_out,
+                          predictions_out)
+    primary = report["primary_metric"]
+    for name, row in report["models"].items():
+        err.print(f"evaluate {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()), markup=False)
+    err.print(f"evaluate: champion by {primary}: {report['champion']}", markup=False)
+
+
+@reports_errors
+def register(
+    params: ParamsOption = Path("params.yaml"),
+    metrics: Annotated[Path, typer.Option(help="Output of the evaluate stage.")] = Path("reports/metrics.json"),
+    models_dir: Annotated[Path, typer.Option(help="Directory holding the trained models.")] = Path("models"),
+    features_dir: Annotated[Path, typer.Option(help="Output of the featurize stage.")] = Path("data/features"),
+    out: Annotated[Path, typer.Option(help="Decision record JSON.")] = Path("reports/registry.json"),
+) -> None:
+    """Register the evaluation champion; promote it to alias `champion` only through the gate (params `register`)."""
+    from uservalue.lifecycle.registry import run_register
+
+    record = run_register(stage_context(params), metrics, models_dir, features_dir, out)
+    candidate = record["candidate"]
+    err.print(
+        f"register: {record['model_name']} version {candidate['version']} ({candidate['model']}) -> "
+        f"{record['decision']['alias']}; " + "; ".join(record["decision"]["reasons"]),
+        markup=False,
+    )
+
+
+@reports_errors
+def package(
+    params: ParamsOption = Path("params.yaml"),
+    bentofile: Annotated[Path, typer.Option(help="BentoML build file.")] = Path("bentofile.yaml"),
+    out: Annotated[Path, typer.Option(help="Record of the built Bento (tag, model version, run).")] = Path(
+        "reports/package.json"
+    ),
+) -> None:
+    """Import the registered champion into the BentoML store and build the Bento (params `package`)."""
+    from uservalue.lifecycle.package import run_package
+
+    record = run_package(stage_context(params), bentofile, out)
+    err.print(f"package: {record['bento']} serves {record['model_name']} version {record['model_version']} "
+              f"({record['model_type']}), BentoML store {record['bentoml_home']}", markup=False)
+
+
+@reports_errors
+def score(
+    events: Annotated[Path, typer.Option(help="Canonical events (Parquet) to score.")] = Path("data/validated.parquet"),
+    out: Annotated[Path, typer.Option(help="Per-user predictions (Parquet).")] = Path("data/predictions/batch.parquet"),
+    as_of: Annotated[
+        dt.datetime | None, typer.Option(help="Scoring time (ISO); default: the day after the last event.")
+    ] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Batch-score every user with the registered champion: the service's features and model, offline."""
+    from uservalue.io import atomic_path
+    from uservalue.lifecycle.monitor import default_as_of
+    from uservalue.lifecycle.registry import load_registered
+    from uservalue.serving.requests import as_utc
+    from uservalue.serving.scorer import score_events
+
+    ctx = stage_context(params)
+    if not events.is_file():
+        raise InputError(events, "file does not exist", expected="canonical events (Parquet)")
+    model, info = load_registered(ctx)
+    when = as_utc(as_of) if as_of else default_as_of(events)
+    scored = score_events(model, events, when)
+    scored.insert(1, "model_version", info.version)
+    with atomic_path(out) as tmp:
+        scored.to_parquet(tmp, index=False)
+    err.print(f"score: {len(scored):,} users at {when.isoformat()} with {info.name} version {info.version} -> {out}",
+              markup=False)
+
+
+@reports_errors
+def monitor(
+    params: ParamsOption = Path("params.yaml"),
+    events: Annotated[Path, typer.Option(help="Events scored as the current window (monitor.current=batch).")] = Path(
+        "data/validated.parquet"
+    ),
+    features_dir: Annotated[Path, typer.Option(help="Output of featurize (the reference's features).")] = Path(
+        "data/features"
+    ),
+    out_dir: Annotated[Path, typer.Option(help="Where <date>.html and latest.json go.")] = Path("reports/monitoring"),
+    current: Annotated[str | None, typer.Option(help="Override monitor.current: batch | log.")] = None,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Prediction log (monitor.current=log); default: params serve.log_dir.")
+    ] = None,
+    fail_on_drift: Annotated[bool, typer.Option(help="Exit 3 when drift is detected (for schedulers).")] = False,
+) -> None:
+    """Compare the champion's current predictions with its evaluation-time reference (Evidently)."""
+    from uservalue.lifecycle.monitor import run_monitor
+
+    ctx = stage_context(params, {"monitor.current": current})
+    verdict = run_monitor(ctx, events, features_dir, log_dir or ctx.path(ctx.params.serve.log_dir), out_dir)
+    drifted = ", ".join(verdict["drifted_columns"]) or "none"
+    err.print(f"monitor: drift_detected={str(verdict['drift_detected']).lower()} "
+              f"(drifted share {verdict['drifted_share']:.2f}; drifted columns: {drifted}) -> {out_dir}/latest.json",
+              markup=False)
+    if fail_on_drift and verdict["drift_detected"]:
+        raise typer.Exit(EXIT_DRIFT)
