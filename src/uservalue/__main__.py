@@ -1,5 +1,5 @@
 """`python -m uservalue`: the CLI with this interpreter (what Airflow tasks run)."""
 
-from uservalue.cli import app
+from uservalue.cli.app import app
 
 app(prog_name="uservalue")

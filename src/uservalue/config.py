@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -339,6 +340,40 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         return Params.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, source)) from None
+
+
+def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
+    """["train.models=[linear, mlp]", "split.horizon_days=90"] -> {dotted key: YAML value} (as `dvc exp run -S`)."""
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {assignment!r}: expected <section.key>=<value>, e.g. split.horizon_days=90")
+        try:
+            overrides[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({error})") from None
+    return overrides
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any], source: str = "params.yaml") -> dict[str, Any]:
+    """A deep copy of the params with each dotted key replaced; a key params.yaml lacks is an error."""
+    out = yaml.safe_load(yaml.safe_dump(dict(raw)))  # deep copy of plain YAML data
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        target = out
+        walked: list[str] = []
+        for part in parents:
+            walked.append(part)
+            if not isinstance(target.get(part), dict):
+                raise ConfigError(f"override {dotted!r}: {source} has no section {'.'.join(walked)!r}")
+            target = target[part]
+        if leaf not in target:
+            known = ", ".join(sorted(map(str, target))) or "none"
+            raise ConfigError(f"override {dotted!r}: {source} has no key {leaf!r} there (known: {known})")
+        target[leaf] = value
+    return out
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from uservalue.cli import app
+from uservalue.cli.app import app
 from uservalue.errors import InputError
 from uservalue.schema import EVENTS_SCHEMA
 from uservalue.data.sources.cdnow import cdnow_path, read_cdnow

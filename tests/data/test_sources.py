@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from uservalue.cli import app
+from uservalue.cli.app import app
 from uservalue.config import DataParams, FileSource, TaobaoSource
 from uservalue.schema import EVENTS_SCHEMA
 from uservalue.data.sources import ingest

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from uservalue.cli import app
+from uservalue.cli.app import app
 from uservalue.config import ValidateParams
 from uservalue.errors import ValidationFailed
 from uservalue.data.validation import run_validation, validate_file

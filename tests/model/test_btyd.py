@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from uservalue.models import create_model, load_model
+from uservalue.models.catalog import create_model, load_model
 from uservalue.models.base import FitContext
 from uservalue.models.btyd import INPUT_COLUMNS, BtydModel, rfm_summary
 

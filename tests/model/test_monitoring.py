@@ -13,7 +13,7 @@ import pytest
 from tests.model.conftest import SYNTHETIC_SPLIT, build_feature_sets
 from uservalue.config import MonitorParams, SyntheticSource
 from uservalue.errors import InputError
-from uservalue.models import create_model
+from uservalue.models.catalog import create_model
 from uservalue.models.base import FitContext
 from uservalue.lifecycle.monitor import drift_report, write_monitoring
 from uservalue.data.sources.synthetic import generate

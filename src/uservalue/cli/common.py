@@ -4,7 +4,6 @@ command-line overrides, and the stage context."""
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -30,20 +29,10 @@ ParamsOption = Annotated[
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def is_transient(error: BaseException) -> bool:
-    """A failure a retry may cure: file system or store I/O, not a mistake in input or code."""
-    if isinstance(error, (TransientError, OSError)):
-        return True
-    if "mlflow" in sys.modules:  # only a command that used MLflow can fail in its store
-        from uservalue.lifecycle.tracking import is_store_failure
-
-        return is_store_failure(error)
-    return False
-
-
-def reports_errors(command: F) -> F:
+def reports_errors(command: F, transient: Callable[[BaseException], bool] | None = None) -> F:
     """One clear line on stderr and an exit code: 1 validation failed, 2 bad input or configuration
-    (final), 75 transient (orchestrators retry); anything else is a bug and keeps its traceback."""
+    (final), 75 transient: file system I/O or what `transient` recognises (orchestrators retry);
+    anything else is a bug and keeps its traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -59,7 +48,7 @@ def reports_errors(command: F) -> F:
             report("error", error)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as error:
-            if not is_transient(error):
+            if not (isinstance(error, OSError) or (transient is not None and transient(error))):
                 raise
             report("transient failure (retry may help)", f"{type(error).__name__}: {error}")
             raise typer.Exit(EXIT_TRANSIENT) from None
@@ -94,8 +83,7 @@ def counting(progress: Progress, description: str, tables: Iterable[Any], total:
 
 def load(params: Path, overrides: dict[str, Any] | None = None) -> Any:
     """The validated params, with the options a command overrides (None: not given)."""
-    from uservalue.config import load_params, parse_params
-    from uservalue.orchestration.stage_runner import apply_overrides
+    from uservalue.config import apply_overrides, load_params, parse_params
 
     loaded = load_params(params)
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
@@ -103,13 +91,6 @@ def load(params: Path, overrides: dict[str, Any] | None = None) -> Any:
         return loaded
     raw = apply_overrides(loaded.model_dump(mode="json", by_alias=True), given, str(params))
     return parse_params(raw, f"{params} (with command-line overrides)")
-
-
-def stage_context(params: Path, overrides: dict[str, Any] | None = None) -> Any:
-    """The StageContext of a lifecycle command: the working directory is the project."""
-    from uservalue.lifecycle.context import StageContext
-
-    return StageContext(root=Path.cwd(), params=load(params, overrides))
 
 
 def run_one(command: Callable[..., Any], args: list[str], prog_name: str) -> None:

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from uservalue.cli.common import ParamsOption, err, progress_bar, reports_errors, stage_context
+from uservalue.cli import common
+from uservalue.cli.common import ParamsOption, err, load, progress_bar
 from uservalue.errors import EXIT_DRIFT, ConfigError, InputError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+if TYPE_CHECKING:
+    from uservalue.lifecycle.context import StageContext
+
+
+def stage_context(params: Path, overrides: dict[str, Any] | None = None) -> StageContext:
+    """The StageContext of a lifecycle command: the working directory is the project."""
+    from uservalue.lifecycle.context import StageContext
+
+    return StageContext(root=Path.cwd(), params=load(params, overrides))
+
+
+def is_store_failure(error: BaseException) -> bool:
+    """MLflow's tracking or registry store failed (a retry may help)."""
+    from uservalue.lifecycle.tracking import is_store_failure as store_failure
+
+    return store_failure(error)
+
+
+def reports_errors(command: F) -> F:
+    """The CLI's error reporting, with MLflow store failures as transient (exit 75)."""
+    return common.reports_errors(command, transient=is_store_failure)  # type: ignore[arg-type]
 
 
 @reports_errors

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from uservalue.cli.common import ParamsOption, err, reports_errors, stage_context
+from uservalue.cli.common import ParamsOption, err, reports_errors
 
 ProjectDirOption = Annotated[Path, typer.Option(help="The project (dvc.yaml, params.yaml) to work in.")]
 SetOption = Annotated[
@@ -30,6 +30,7 @@ def serve(
     import os
     import shutil
 
+    from uservalue.cli.lifecycle import stage_context
     from uservalue.lifecycle.package import bentoml_env, read_package_record
 
     ctx = stage_context(params)
@@ -52,7 +53,8 @@ def stage(
     force: Annotated[bool, typer.Option(help="Re-run even if DVC finds the stage up to date.")] = False,
 ) -> None:
     """Run one DVC stage with temporary overrides; params.yaml is left as it was (what Airflow tasks run)."""
-    from uservalue.orchestration.stage_runner import parse_assignments, run_stage
+    from uservalue.config import parse_assignments
+    from uservalue.orchestration.stage_runner import run_stage
 
     run = run_stage(project_dir, name, parse_assignments(set_ or []), force=force)
     status = "done" if run.exit_code == 0 else f"failed (exit {run.exit_code})"
@@ -69,7 +71,7 @@ def plan(
     """Check overrides against params.yaml and print what a retrain would run (one JSON line)."""
     import json
 
-    from uservalue.orchestration.stage_runner import parse_assignments
+    from uservalue.config import parse_assignments
     from uservalue.orchestration.stage_runner import plan as make_plan
 
     print(json.dumps(make_plan(project_dir, parse_assignments(set_ or []))))

@@ -1,0 +1,20 @@
+"""`uservalue`: one command per pipeline stage (the DVC stages' entry scripts run the same ones),
+plus `generate`, `score`, `serve`, `stage`, `plan` and `airflow`."""
+
+from __future__ import annotations
+
+import typer
+
+from uservalue.cli import data, lifecycle, ops
+
+app = typer.Typer(
+    name="uservalue",
+    help="Predict each user's future value from their behaviour log.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for command in (data.ingest, data.validate, data.featurize, data.generate,
+                lifecycle.train, lifecycle.evaluate, lifecycle.register, lifecycle.package, lifecycle.score,
+                lifecycle.monitor, ops.serve, ops.stage, ops.plan, ops.airflow):
+    app.command()(command)
