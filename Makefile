@@ -39,10 +39,13 @@ run: install
 	@test -d .dvc || dvc init --quiet
 	dvc repro
 
+# lint-imports: the architecture contracts in pyproject.toml ([tool.importlinter]).
 test: install
+	lint-imports
 	python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
+	lint-imports
 	python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
