@@ -59,3 +59,22 @@ def test_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message
 def test_generate_rejects_out_of_range_drift(tmp_path: Path) -> None:
     done = _run("generate", "--drift", "1.5", cwd=tmp_path)
     assert done.returncode == 2 and "drift" in done.stderr.lower()
+
+
+def test_an_unreachable_tracking_store_is_transient_exit_75(tmp_path: Path, cdnow_events: Path) -> None:
+    """A real MLflow client against a tracking server that is not there: a retry may help, so the
+    command exits 75 (EXIT_TRANSIENT, what the Airflow tasks retry), not 2 (bad input, final)."""
+    import socket
+
+    from tests.e2e.conftest import free_port, tool_env
+
+    shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", tmp_path / "params.yaml")
+    port = free_port()
+    with socket.socket() as probe:  # nothing listens there
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    env = tool_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                   MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    done = subprocess.run([EXE, "score", "--events", str(cdnow_events)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 75, done.stderr
+    assert f"127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
