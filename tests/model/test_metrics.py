@@ -377,6 +377,18 @@ def test_bad_input_raises_value_error_naming_the_argument(call, argument: str) -
 
 def test_public_api() -> None:
     assert set(metrics.__all__) == {
-        "auc", "decile_mape", "decile_table", "gains_curve", "mae", "normalized_gini", "rmse",
+        "auc", "decile_mape", "decile_table", "gains_curve", "mae", "normalized_gini", "rmse", "score",
         "spearman", "top_decile_capture", "total_error", "value_metrics",
     }
+
+
+def test_score_orders_every_metric_higher_is_better() -> None:
+    from uservalue.config import METRICS
+
+    assert set(metrics.VALUE_METRIC_KEYS) == set(METRICS)
+    for name, higher_is_better in METRICS.items():
+        if name == "total_error":  # closeness to 0, whatever the sign
+            assert metrics.score(name, -0.01) > metrics.score(name, 0.05) == metrics.score(name, -0.05)
+        else:
+            assert (metrics.score(name, 0.6) > metrics.score(name, 0.5)) is higher_is_better
+        assert metrics.score(name, float("nan")) == float("-inf")

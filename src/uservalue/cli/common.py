@@ -29,6 +29,11 @@ ParamsOption = Annotated[
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def path_option(default: str, help: str) -> Any:  # noqa: A002 - typer's name
+    """A path option with its default and help on one line."""
+    return typer.Option(Path(default), help=help)
+
+
 def reports_errors(command: F, transient: Callable[[BaseException], bool] | None = None) -> F:
     """One clear line on stderr and an exit code: 1 validation failed, 2 bad input or configuration
     (final), 75 transient: file system I/O or what `transient` recognises (orchestrators retry);

@@ -9,19 +9,15 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from uservalue.cli.common import ParamsOption, counting, err, load, progress_bar, reports_errors
+from uservalue.cli.common import ParamsOption, counting, err, load, path_option, progress_bar, reports_errors
 from uservalue.errors import ConfigError, InputError
 
 
 @reports_errors
 def ingest(
     params: ParamsOption = Path("params.yaml"),
-    out: Annotated[Path, typer.Option(help="Canonical events Parquet to write (sorted by user, time).")] = Path(
-        "data/events.parquet"
-    ),
-    truth_dir: Annotated[
-        Path, typer.Option(help="Where the synthetic source writes its planted truth (a stub for real data).")
-    ] = Path("data/truth"),
+    out: Path = path_option("data/events.parquet", "Canonical events Parquet to write (sorted by user, time)."),
+    truth_dir: Path = path_option("data/truth", "Where the synthetic source writes its planted truth (a stub for real data)."),
     source: Annotated[
         str | None, typer.Option(help="Override data.source: cdnow | taobao | synthetic | file.")
     ] = None,
@@ -41,16 +37,10 @@ def ingest(
 @reports_errors
 def validate(
     params: ParamsOption = Path("params.yaml"),
-    events: Annotated[Path, typer.Option(help="Canonical events to check.")] = Path("data/events.parquet"),
-    out: Annotated[Path, typer.Option(help="Events that passed, written only if the gate passes.")] = Path(
-        "data/validated.parquet"
-    ),
-    quarantine: Annotated[Path, typer.Option(help="Rows moved aside in quarantine mode, with the reason.")] = Path(
-        "data/quarantine.parquet"
-    ),
-    report_dir: Annotated[
-        Path, typer.Option(help="Validation result (JSON), summary and Data Docs (HTML).")
-    ] = Path("reports/validation"),
+    events: Path = path_option("data/events.parquet", "Canonical events to check."),
+    out: Path = path_option("data/validated.parquet", "Events that passed, written only if the gate passes."),
+    quarantine: Path = path_option("data/quarantine.parquet", "Rows moved aside in quarantine mode, with the reason."),
+    report_dir: Path = path_option("reports/validation", "Validation result (JSON), summary and Data Docs (HTML)."),
     mode: Annotated[str | None, typer.Option(help="Override validate.mode: fail | quarantine.")] = None,
 ) -> None:
     """Run the Great Expectations suite (params `validate`); exit 1 if the gate fails."""
@@ -75,10 +65,8 @@ def validate(
 @reports_errors
 def featurize(
     params: ParamsOption = Path("params.yaml"),
-    events: Annotated[Path, typer.Option(help="Validated canonical events.")] = Path("data/validated.parquet"),
-    out_dir: Annotated[Path, typer.Option(help="Directory for train.parquet, eval.parquet, meta.json.")] = Path(
-        "data/features"
-    ),
+    events: Path = path_option("data/validated.parquet", "Validated canonical events."),
+    out_dir: Path = path_option("data/features", "Directory for train.parquet, eval.parquet, meta.json."),
 ) -> None:
     """Build features and labels at the cutoffs of params `split` (definition: params `featurize`)."""
     from uservalue.features.store import write_feature_sets
@@ -95,12 +83,8 @@ def featurize(
 
 @reports_errors
 def generate(
-    out: Annotated[Path, typer.Option(help="Parquet file for the generated events.")] = Path(
-        "data/synthetic/events.parquet"
-    ),
-    truth_dir: Annotated[Path, typer.Option(help="Directory for the planted truth.")] = Path(
-        "data/synthetic/truth"
-    ),
+    out: Path = path_option("data/synthetic/events.parquet", "Parquet file for the generated events."),
+    truth_dir: Path = path_option("data/synthetic/truth", "Directory for the planted truth."),
     params: ParamsOption = Path("params.yaml"),
     users: Annotated[int | None, typer.Option(min=1, help="Number of users.")] = None,
     events_per_user: Annotated[

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from uservalue.cli import common
-from uservalue.cli.common import ParamsOption, err, load, progress_bar
+from uservalue.cli.common import ParamsOption, err, load, path_option, progress_bar
 from uservalue.errors import EXIT_DRIFT, ConfigError, InputError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,10 +42,8 @@ def reports_errors(command: F) -> F:
 def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Model to train (one of params train.models' names).")],
     params: ParamsOption = Path("params.yaml"),
-    features_dir: Annotated[Path, typer.Option(help="Output of the featurize stage.")] = Path("data/features"),
-    out_dir: Annotated[Path, typer.Option(help="Directory for the model, run.json and influence.json.")] = Path(
-        "models/<model>"
-    ),
+    features_dir: Path = path_option("data/features", "Output of the featurize stage."),
+    out_dir: Path = path_option("models/<model>", "Directory for the model, run.json and influence.json."),
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (overrides train.device).")] = None,
 ) -> None:
     """Fit one model on the training cutoffs and track the run in MLflow (params `train`, `tracking`)."""
@@ -72,16 +70,12 @@ def train(
 @reports_errors
 def evaluate(
     params: ParamsOption = Path("params.yaml"),
-    features_dir: Annotated[Path, typer.Option(help="Output of the featurize stage.")] = Path("data/features"),
-    models_dir: Annotated[Path, typer.Option(help="Directory holding one trained model per subdirectory.")] = Path(
-        "models"
-    ),
-    metrics_out: Annotated[Path, typer.Option(help="Metrics JSON of every model.")] = Path("reports/metrics.json"),
-    plots_dir: Annotated[Path, typer.Option(help="Plot data (gains, decile calibration).")] = Path("reports/plots"),
-    table_out: Annotated[Path, typer.Option(help="Markdown comparison table.")] = Path("reports/model_comparison.md"),
-    predictions_out: Annotated[Path, typer.Option(help="Per-user predictions of every model.")] = Path(
-        "data/predictions/eval.parquet"
-    ),
+    features_dir: Path = path_option("data/features", "Output of the featurize stage."),
+    models_dir: Path = path_option("models", "Directory holding one trained model per subdirectory."),
+    metrics_out: Path = path_option("reports/metrics.json", "Metrics JSON of every model."),
+    plots_dir: Path = path_option("reports/plots", "Plot data (gains, decile calibration)."),
+    table_out: Path = path_option("reports/model_comparison.md", "Markdown comparison table."),
+    predictions_out: Path = path_option("data/predictions/eval.parquet", "Per-user predictions of every model."),
 ) -> None:
     """Score every trained model on the evaluation cutoff; pick the champion (params `evaluate`)."""
     from uservalue.lifecycle.evaluate import run_evaluate
@@ -97,10 +91,10 @@ def evaluate(
 @reports_errors
 def register(
     params: ParamsOption = Path("params.yaml"),
-    metrics: Annotated[Path, typer.Option(help="Output of the evaluate stage.")] = Path("reports/metrics.json"),
-    models_dir: Annotated[Path, typer.Option(help="Directory holding the trained models.")] = Path("models"),
-    features_dir: Annotated[Path, typer.Option(help="Output of the featurize stage.")] = Path("data/features"),
-    out: Annotated[Path, typer.Option(help="Decision record JSON.")] = Path("reports/registry.json"),
+    metrics: Path = path_option("reports/metrics.json", "Output of the evaluate stage."),
+    models_dir: Path = path_option("models", "Directory holding the trained models."),
+    features_dir: Path = path_option("data/features", "Output of the featurize stage."),
+    out: Path = path_option("reports/registry.json", "Decision record JSON."),
 ) -> None:
     """Register the evaluation champion; promote it to alias `champion` only through the gate (params `register`)."""
     from uservalue.lifecycle.registry import run_register
@@ -117,10 +111,8 @@ def register(
 @reports_errors
 def package(
     params: ParamsOption = Path("params.yaml"),
-    bentofile: Annotated[Path, typer.Option(help="BentoML build file.")] = Path("bentofile.yaml"),
-    out: Annotated[Path, typer.Option(help="Record of the built Bento (tag, model version, run).")] = Path(
-        "reports/package.json"
-    ),
+    bentofile: Path = path_option("bentofile.yaml", "BentoML build file."),
+    out: Path = path_option("reports/package.json", "Record of the built Bento (tag, model version, run)."),
 ) -> None:
     """Import the registered champion into the BentoML store and build the Bento (params `package`)."""
     from uservalue.lifecycle.package import run_package
@@ -132,8 +124,8 @@ def package(
 
 @reports_errors
 def score(
-    events: Annotated[Path, typer.Option(help="Canonical events (Parquet) to score.")] = Path("data/validated.parquet"),
-    out: Annotated[Path, typer.Option(help="Per-user predictions (Parquet).")] = Path("data/predictions/batch.parquet"),
+    events: Path = path_option("data/validated.parquet", "Canonical events (Parquet) to score."),
+    out: Path = path_option("data/predictions/batch.parquet", "Per-user predictions (Parquet)."),
     as_of: Annotated[
         dt.datetime | None, typer.Option(help="Scoring time (ISO); default: the day after the last event.")
     ] = None,
@@ -162,13 +154,9 @@ def score(
 @reports_errors
 def monitor(
     params: ParamsOption = Path("params.yaml"),
-    events: Annotated[Path, typer.Option(help="Events scored as the current window (monitor.current=batch).")] = Path(
-        "data/validated.parquet"
-    ),
-    features_dir: Annotated[Path, typer.Option(help="Output of featurize (the reference's features).")] = Path(
-        "data/features"
-    ),
-    out_dir: Annotated[Path, typer.Option(help="Where <date>.html and latest.json go.")] = Path("reports/monitoring"),
+    events: Path = path_option("data/validated.parquet", "Events scored as the current window (monitor.current=batch)."),
+    features_dir: Path = path_option("data/features", "Output of featurize (the reference's features)."),
+    out_dir: Path = path_option("reports/monitoring", "Where <date>.html and latest.json go."),
     current: Annotated[str | None, typer.Option(help="Override monitor.current: batch | log.")] = None,
     log_dir: Annotated[
         Path | None, typer.Option(help="Prediction log (monitor.current=log); default: params serve.log_dir.")

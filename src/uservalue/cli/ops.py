@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from uservalue.cli.common import ParamsOption, err, reports_errors
+from uservalue.cli.common import ParamsOption, err, path_option, reports_errors
 
 ProjectDirOption = Annotated[Path, typer.Option(help="The project (dvc.yaml, params.yaml) to work in.")]
 SetOption = Annotated[
@@ -21,9 +21,7 @@ SetOption = Annotated[
 def serve(
     port: Annotated[int, typer.Option(envvar="USERVALUE_PORT", help="Port (env USERVALUE_PORT).")] = 3000,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
-    record: Annotated[Path, typer.Option(help="The package stage's record of the built Bento.")] = Path(
-        "reports/package.json"
-    ),
+    record: Path = path_option("reports/package.json", "The package stage's record of the built Bento."),
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Serve the Bento the package stage built (`bentoml serve <tag>`), with this project's settings."""

@@ -119,15 +119,8 @@ def _plot_pngs(evaluation: Evaluation, out_dir: Path) -> list[Path]:
     return paths
 
 
-def run_evaluate(
-    ctx: StageContext,
-    features_dir: str | Path,
-    models_dir: str | Path,
-    metrics_path: str | Path,
-    plots_dir: str | Path,
-    table_path: str | Path,
-    predictions_path: str | Path,
-) -> dict[str, Any]:
+def run_evaluate(ctx: StageContext, features_dir: str | Path, models_dir: str | Path, metrics_path: str | Path,
+                 plots_dir: str | Path, table_path: str | Path, predictions_path: str | Path) -> dict[str, Any]:
     params = ctx.params
     features_dir, models_dir, plots_dir = Path(features_dir), Path(models_dir), Path(plots_dir)
     meta = read_meta(features_dir)

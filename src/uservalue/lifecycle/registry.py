@@ -80,13 +80,8 @@ def load_version(name: str, version: str) -> Any:
     return load_model(local / "artifacts" / "model")
 
 
-def run_register(
-    ctx: StageContext,
-    metrics_path: str | Path,
-    models_dir: str | Path,
-    features_dir: str | Path,
-    out_path: str | Path,
-) -> dict[str, Any]:
+def run_register(ctx: StageContext, metrics_path: str | Path, models_dir: str | Path, features_dir: str | Path,
+                 out_path: str | Path) -> dict[str, Any]:
     params = ctx.params
     metrics_path, models_dir = Path(metrics_path), Path(models_dir)
     if not metrics_path.is_file():

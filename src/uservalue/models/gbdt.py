@@ -11,16 +11,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from uservalue.models.base import (
-    FitContext,
-    ModelParams,
-    ValueModel,
-    aggregate_matrix,
-    exposure_days,
-    global_shares,
-    shares_by_behavior,
-    validation_mask,
-)
+from uservalue.models.base import (FitContext, ModelParams, ValueModel, aggregate_matrix, exposure_days,
+                                  global_shares, shares_by_behavior, validation_mask)
 from uservalue.models.hazard import cloglog_grad_hess, cloglog_nll, p_buy_from_log_hazard
 
 P_BUY_FILE = "p_buy.lgb.txt"

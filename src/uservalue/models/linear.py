@@ -10,15 +10,8 @@ import pandas as pd
 from pydantic import Field
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from uservalue.models.base import (
-    FitContext,
-    ModelParams,
-    ValueModel,
-    aggregate_matrix,
-    exposure_days,
-    global_shares,
-    shares_by_behavior,
-)
+from uservalue.models.base import (FitContext, ModelParams, ValueModel, aggregate_matrix, exposure_days,
+                                  global_shares, shares_by_behavior)
 
 STATE_FILE = "linear.npz"
 
