@@ -126,3 +126,44 @@ def test_exp_run_with_synthetic_source(reproduced: Path) -> None:
     assert set(report["models"]) == {"historical", "gbdt"} and report["users"] == len(evaluation)
     shown = json.loads(run_in(reproduced, "dvc", "exp", "show", "--json").stdout)
     assert json.dumps(shown).count("synthetic") >= 1
+
+
+def test_editing_library_code_a_stage_runs_makes_it_stale(reproduced: Path) -> None:
+    """DVC's deps cover the library modules, not only the entry scripts."""
+    cases = {
+        "src/uservalue/features/sql.py": {"featurize"},  # the feature definition
+        "src/uservalue/lifecycle/registry.py": {"register", "package", "monitor"},
+        "src/uservalue/cli/common.py": {"ingest", "validate", "featurize", "evaluate", "register", "package",
+                                        "monitor"},
+    }
+    for path, expected in cases.items():
+        source = reproduced / path
+        original = source.read_text()
+        source.write_text(original + "\n# an edit\n")
+        try:
+            status = run_in(reproduced, "dvc", "status", "--json").stdout
+        finally:
+            source.write_text(original)
+        stale = set(json.loads(status))
+        assert expected <= stale, (path, stale)
+    assert json.loads(run_in(reproduced, "dvc", "status", "--json").stdout) == {}
+
+
+@pytest.mark.parametrize(("bentofile", "exit_code"), [
+    ("labels: {}\n", 2),  # no service: bad configuration, final
+    ('service: "no_such_module:Service"\npython:\n  lock_packages: false\n', 75),  # the build fails: retry
+])
+def test_package_failures_exit_2_when_final_and_75_when_a_retry_may_help(
+        reproduced: Path, tmp_path: Path, bentofile: str, exit_code: int) -> None:
+    broken = reproduced / "broken-bentofile.yaml"
+    broken.write_text(bentofile)
+    record = reproduced / "reports/package.json"
+    before = record.read_text()
+    try:
+        done = run_in(reproduced, "python", "pipelines/package.py", "--bentofile", str(broken), "--out",
+                      str(record), check=False)
+    finally:
+        broken.unlink()
+    assert done.returncode == exit_code, done.stderr
+    assert "Traceback" not in done.stderr
+    assert record.read_text() == before  # the last good record stays
