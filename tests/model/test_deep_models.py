@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from uservalue.models import PREDICTION_COLUMNS, create_model, load_model
+from uservalue.models.base import PREDICTION_COLUMNS
+from uservalue.models.catalog import create_model, load_model
 from uservalue.models.base import FitContext
 
 QUICK = {

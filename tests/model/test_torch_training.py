@@ -15,19 +15,20 @@ import torch
 from uservalue.errors import ConfigError
 from uservalue.models.base import FitContext, validation_mask
 from uservalue.models.deep.mlp import MlpModel
+from uservalue.models.deep.checkpoints import CHECKPOINT_FILE
 from uservalue.models.deep.data import (
-    AggregateNorm,
     AggregateStats,
     BatchSampler,
     FeatureDataset,
-    drop_tokens,
     hash_buckets,
     make_loader,
     padded,
-    rows_per_id,
     transform_numpy,
 )
-from uservalue.models.deep.loop import CHECKPOINT_FILE, evaluate, resolve_device
+from uservalue.models.deep.layers import AggregateNorm, rows_per_id
+from uservalue.models.deep.loop import evaluate
+from uservalue.models.deep.occlusion import drop_tokens
+from uservalue.models.deep.runtime import resolve_device
 
 TINY = {"hidden": [16], "tower": 16, "embedding_dim": 4, "user_buckets": 64, "batch_size": 256,
         "max_epochs": 4, "patience": 10, "influence_rows": 0}

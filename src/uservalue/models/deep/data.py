@@ -1,40 +1,22 @@
-"""Feature rows -> tensors for the deep models, vectorised end to end (no Python loop per row).
-
-- aggregates: kept *raw* (float32) in the tensors; the network standardises them itself with
-  buffers fitted here on the training rows (`AggregateStats`): log1p of every column that is
-  non-negative on the training rows, then (x - mean) / std, NaN -> 0. Keeping the transform
-  inside the network lets the behaviour attribution edit raw counts ("this user without carts")
-  and lets the statistics travel in the model's state_dict.
-- sequences: the list columns (last L events before the cutoff, oldest first) become left-aligned
-  padded [N, L] tensors (padding at the end, id 0) via Arrow's flatten/parent indices; the three
-  continuous token features (log age, log gap, log amount) are stacked as [N, L, 3].
-- exposure: log(label_days / horizon) per training row (0 when scoring, i.e. d = horizon).
-- labels: bought and value.
-
-`FeatureDataset` serves whole batches from these tensors (one index tensor per batch instead of
-one call per row), trimmed to the longest sequence in the batch; `make_loader` wraps it in a
-DataLoader with pinned memory on CUDA.
-"""
+"""Feature rows -> tensors for the deep models (vectorised, no Python loop per row), their
+standardisation statistics, and batched loading; see docs/models.md."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uservalue.errors import InputError
 from uservalue.features.sql import SEQUENCE_COLUMNS
 from uservalue.models.base import aggregate_matrix, exposure_days
-
-ID_COLUMNS = ("seq_behavior", "seq_category", "seq_item")
-CONTINUOUS_COLUMNS = ("seq_log_age_days", "seq_log_gap_days", "seq_log_amount")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +128,15 @@ class AggregateStats:
         std = np.where(~np.isfinite(std) | (std < 1e-6), 1.0, std)
         return cls(tuple(columns), log1p.astype(bool), mean.astype(np.float64), std.astype(np.float64))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"columns": list(self.columns), "log1p": self.log1p.tolist(), "mean": self.mean.tolist(),
+                "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AggregateStats:
+        return cls(tuple(raw["columns"]), np.asarray(raw["log1p"], dtype=bool), np.asarray(raw["mean"]),
+                   np.asarray(raw["std"]))
+
 
 def transform_numpy(raw: np.ndarray, log1p: np.ndarray) -> np.ndarray:
     return np.where(log1p, np.log1p(np.clip(raw, 0, None)), raw)
@@ -167,6 +158,13 @@ class TokenStats:
         mean = values.mean(axis=0, dtype=np.float64)
         std = values.std(axis=0, dtype=np.float64)
         return cls(mean, np.where(std < 1e-6, 1.0, std))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TokenStats:
+        return cls(np.asarray(raw["mean"]), np.asarray(raw["std"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +208,10 @@ class FeatureTensors:
             "bought": self.bought[index],
             "value": self.value[index],
         }
+
+    def subset(self, rows: np.ndarray) -> FeatureTensors:
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        return FeatureTensors(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
 
 
 def build_tensors(
@@ -286,7 +288,7 @@ class BatchSampler(Sampler[torch.Tensor]):
 
     With `lengths`, shuffled batches are length-bucketed: the shuffled rows are cut into pools of
     `pool` batches, each pool is sorted by sequence length and cut into batches, and the batch
-    order is shuffled. Batches are then trimmed to similar widths (tensors.FeatureTensors.batch),
+    order is shuffled. Batches are then trimmed to similar widths (FeatureTensors.batch),
     which on logs where most users have a few events (CDNOW) is several times cheaper."""
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0,
@@ -331,83 +333,17 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
 
 
-# --------------------------------------------------------------------------------------------
-# "this user without behaviour b": the counterfactual the attribution uses
-# --------------------------------------------------------------------------------------------
-def drop_tokens(batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The batch with only the tokens where `keep` is true, re-packed left-aligned."""
-    valid = torch.arange(batch["behavior"].shape[1], device=keep.device)[None, :] < batch["lengths"][:, None]
-    keep = keep & valid
-    new_lengths = keep.sum(dim=1)
-    column = torch.cumsum(keep.long(), dim=1) - 1
-    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)
-    out = dict(batch)
-    for name in ("behavior", "category", "item", "continuous"):
-        source = batch[name]
-        target = torch.zeros_like(source)
-        target[rows[keep], column[keep]] = source[keep]
-        out[name] = target
-    out["lengths"] = new_lengths
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# the standardisation as part of the network (its statistics live in the state_dict)
-# --------------------------------------------------------------------------------------------
-class AggregateNorm(nn.Module):
-    """raw aggregates -> log1p where fitted -> (x - mean) / std -> NaN to 0."""
-
-    def __init__(self, stats: AggregateStats) -> None:
-        super().__init__()
-        self.register_buffer("log1p", torch.as_tensor(stats.log1p, dtype=torch.bool))
-        self.register_buffer("mean", torch.as_tensor(stats.mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(stats.std, dtype=torch.float32))
-
-    def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        raw = raw.float()
-        x = torch.where(self.log1p, torch.log1p(raw.clamp_min(0)), raw)
-        return torch.nan_to_num((x - self.mean) / self.std, nan=0.0, posinf=0.0, neginf=0.0).clamp(-10, 10)
-
-
-class TokenNorm(nn.Module):
-    def __init__(self, stats: TokenStats) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(stats.mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(stats.std, dtype=torch.float32))
-
-    def forward(self, continuous: torch.Tensor) -> torch.Tensor:
-        return (continuous.float() - self.mean) / self.std
-
-
-def rows_per_id(ids: torch.Tensor, lengths: torch.Tensor, buckets: int) -> np.ndarray:
-    """How many rows hold each id (0..buckets) among their first `lengths` events (ids > 0 only)."""
-    valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
-    ids = torch.where(valid, ids.long(), torch.zeros((), dtype=torch.long))
-    ordered, _ = torch.sort(ids, dim=1)
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    chosen = ordered[first & (ordered > 0)]
-    return torch.bincount(chosen, minlength=buckets + 1)[: buckets + 1].numpy()
-
-
-class HashedEmbedding(nn.Module):
-    """An embedding of hashed ids (0 = none/padding, a zero vector) whose ids held by fewer than
-    `min_rows` training rows are read as 0: a rare id mostly identifies its few users, so learning
-    it memorises their labels instead of anything that carries over to other users."""
-
-    def __init__(self, buckets: int, dim: int) -> None:
-        super().__init__()
-        self.table = nn.Embedding(buckets + 1, dim, padding_idx=0)
-        nn.init.normal_(self.table.weight, std=0.1)
-        with torch.no_grad():
-            self.table.weight[0].zero_()
-        self.register_buffer("known", torch.ones(buckets + 1, dtype=torch.bool))
-
-    def set_vocabulary(self, rows: np.ndarray, min_rows: int) -> None:
-        known = torch.as_tensor(rows >= min_rows, dtype=torch.bool)
-        known[0] = False
-        self.known.copy_(known)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.long()
-        return self.table(torch.where(self.known[ids], ids, torch.zeros_like(ids)))
+def map_batches(data: FeatureTensors, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch_size: int,
+                device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """fn(batch) on `device` for every batch of `data`, without autograd: (row index, result on CPU)."""
+    # Rows in order of sequence length, so each batch is only as wide as its longest history.
+    order = torch.argsort(data.lengths, stable=True)
+    loader = make_loader(FeatureDataset(data, order), batch_size, shuffle=False, pin_memory=device.type == "cuda")
+    results = []
+    start = 0
+    with torch.inference_mode():
+        for batch in loader:
+            n = int(batch["lengths"].shape[0])
+            results.append((order[start:start + n], fn(to_device(batch, device)).cpu()))
+            start += n
+    return results

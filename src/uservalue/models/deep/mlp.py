@@ -1,35 +1,17 @@
-"""Deep collaborative-filtering-style MLP with a zero-inflated lognormal head ("mlp").
-
-Inputs per user (one feature row):
-- the aggregate tower: the aggregate columns (log1p + standardised inside the network) -> MLP;
-- a hashed user-id embedding (`user_buckets` buckets; a user seen at several training cutoffs
-  shares one vector, a user never seen lands in a bucket trained by others);
-- mean-pooled embeddings of the hashed categories and items of the user's last L events.
-
-They are concatenated into an MLP whose last layer is the ZILN head (uservalue.models.deep.ziln), so
-it predicts p_buy and expected_value with label windows of different length as exposure.
-
-Id tables memorise small data sets fast (a user's few items identify them, and with them their
-label), so: category/item ids held by fewer than `min_id_rows` training rows read as "unknown"
-(tensors.HashedEmbedding), and during training each user/category/item id is hidden with
-probability `id_dropout`. The validation split is by user, so a validation user's own id vector
-is never trained: early stopping measures how the model does on users it has not memorised.
-Training, persistence and the behaviour attribution are shared with the sequence model
-(uservalue.models.deep.loop); the attribution here runs through the aggregate columns and
-the pooled category/item embeddings of each behaviour's events.
-"""
+"""Deep collaborative-filtering-style MLP with a ZILN head ("mlp"): aggregate tower, hashed
+user-id embedding and pooled category/item embeddings of the last L events; see docs/models.md."""
 
 from __future__ import annotations
 
-import itertools
 from typing import ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from uservalue.models.deep.data import AggregateNorm, AggregateStats, HashedEmbedding, TokenStats
-from uservalue.models.deep.loop import TorchParams, TorchValueModel
+from uservalue.models.deep.data import AggregateStats, TokenStats
+from uservalue.models.deep.layers import AggregateNorm, HashedEmbedding, hide_ids, mlp
+from uservalue.models.deep.model import TorchParams, TorchValueModel
 from uservalue.models.deep.ziln import ZilnHead
 
 
@@ -45,22 +27,6 @@ class MlpParams(TorchParams):
     batch_size: int = Field(512, ge=1)
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(4, ge=1)
-
-
-def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for a, b in itertools.pairwise(sizes):
-        layers += [nn.Linear(a, b), nn.GELU(), nn.Dropout(dropout)]
-    return nn.Sequential(*layers)
-
-
-def hide_ids(category: torch.Tensor, item: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-time id dropout: each event's category and item id is replaced by the padding id
-    with probability `rate` (the hashed id tables are what a small data set memorises first)."""
-    if rate <= 0:
-        return category, item
-    hidden = torch.rand(category.shape, device=category.device) < rate
-    return category.masked_fill(hidden, 0), item.masked_fill(hidden, 0)
 
 
 def masked_mean(embedding: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -1,60 +1,5 @@
-"""Behaviour-sequence model with a zero-inflated lognormal head ("sequence"), and how it explains
-which behaviours drive value.
-
-Network
--------
-Each of the user's last L events before the cutoff is a token
-
-    behaviour-type embedding + hashed-category embedding + hashed-item embedding
-    + Linear(log age to the cutoff, log gap to the previous event, log amount)
-
-so the encoder sees *when* things happened and how far apart, not only their order (the
-time-interval idea of TiSASRec, Li et al. 2020, with intervals as token features). The encoder is
-a small Transformer (pre-norm, padding mask, optionally causal) or a GRU (`encoder`); padding sits
-at the end of each row, so a GRU's outputs at real events never see it. Attention pooling turns
-the encoded tokens into one vector: score_t = w . h_t + g[behaviour_t], where g is one learned
-scalar per behaviour type (a multiplicative gate exp(g) on the attention weights). The pooled
-vector is concatenated with an aggregate tower (MLP over the log1p + standardised aggregates) and
-fed through an MLP into the ZILN head (uservalue.models.deep.ziln). Rare category/item ids read as
-unknown and ids are dropped out in training, as in uservalue.models.deep.mlp.
-
-Behaviour influence: leave-one-behaviour-out, then a per-event effect
---------------------------------------------------------------------
-The quantity explained is the model's predicted log expected value over the horizon,
-f(x) = log E[value | x]. For each user and behaviour type b the attribution is the occlusion
-(leave-one-covariate-out) effect
-
-    delta_b(x) = f(x) - f(x without b)
-
-where "x without b" is the same user *as if they had never done b*: every event of type b is
-removed from the sequence (the remaining tokens are re-packed, so neither the GRU nor the attention
-ever sees them) and from the aggregate columns the SQL derives from it, found with
-uservalue.models.base.behavior_of_column (its counts -> 0, its recency -> the user's tenure, which
-is what the SQL writes for a behaviour never seen; for "buy" also the monetary and BTYD columns
--> 0; n_events loses the removed count). So a behaviour is credited through the sequence tokens
-*and* the aggregate tower - the influence reflects the whole model, not one pathway of it - and a
-behaviour the user never did gets exactly 0.
-
-- `attribute(features)`: per user, |delta_b| / sum_b |delta_b|: the share of the prediction each
-  behaviour accounts for (rows sum to 1; a user whose prediction no behaviour moves gets equal
-  shares over the behaviours they have).
-- `influence()`: the global influence *per event*: sum over users of delta_b divided by the
-  number of events of type b (the `<b>_count` column) - the average change of the log prediction
-  that one event of type b brings. Raw attention mass or total attribution would rank by volume
-  (views are ~90% of a Taobao-like log); per event it ranks by effect, which is what the synthetic
-  log plants (one cart -> 0.2 purchases, one fav -> 0.04, one view -> 0.004) and what the tests
-  recover. Negative effects are clipped to 0 and the result is normalised to shares summing to 1
-  (`per_event_effect` keeps the signed values). It is computed at the end of `fit` on (a sample
-  of `influence_rows`) validation users and saved with the model.
-
-Why not the alternatives: integrated gradients through the token embeddings is badly conditioned
-here (softmax pooling and layer norms make the model nearly invariant to shrinking all
-embeddings towards zero, so the path integral concentrates at the baseline); exact Shapley values
-over the behaviour types need coalitions such as "only favs, no views, carts or buys", inputs far
-from anything the model was trained on, and they proved unstable across seeds on the synthetic
-log, while single removals stay close to real users and answer the question directly: what would
-the model predict had the user not done this. The cost is k + 1 forward passes per user.
-"""
+"""Behaviour-sequence model with a ZILN head ("sequence"): Transformer or GRU over the last L
+events, behaviour-gated attention pooling, aggregate tower; see docs/models.md."""
 
 from __future__ import annotations
 
@@ -64,15 +9,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from uservalue.models.deep.mlp import hide_ids, mlp
-from uservalue.models.deep.data import (
-    AggregateNorm,
-    AggregateStats,
-    HashedEmbedding,
-    TokenNorm,
-    TokenStats,
-)
-from uservalue.models.deep.loop import TorchParams, TorchValueModel
+from uservalue.models.deep.data import AggregateStats, TokenStats
+from uservalue.models.deep.layers import AggregateNorm, HashedEmbedding, TokenNorm, hide_ids, mlp
+from uservalue.models.deep.model import TorchParams, TorchValueModel
 from uservalue.models.deep.ziln import ZilnHead
 
 NEG = -1e9

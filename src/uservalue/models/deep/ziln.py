@@ -1,24 +1,5 @@
-"""Zero-inflated lognormal (ZILN) head and loss, adapted to label windows of different length.
-
-Wang, Liu & Miao (2019), "A Deep Probabilistic Model for Customer Lifetime Value Prediction"
-(google/lifetime_value `ziln_loss`): the network emits three numbers per user and the value label
-is modelled as a point mass at zero plus a lognormal. Here the "zero" part is a purchase hazard
-with an exposure offset, as everywhere in uservalue.models (see base.py and hazard.py):
-
-    eta      log purchase hazard per day:  P(buy within d days) = 1 - exp(-exp(eta + log d))
-    mu       location of log(value) given value > 0, at d = horizon H
-    sigma    softplus(sigma_raw), its scale
-
-    value | value > 0, window d  ~  LogNormal(mu + beta * log(d / H), sigma)
-
-`beta` is one learned scalar of the head (0 at d = H), so longer windows may carry larger baskets.
-The loss of one row is the negative log-likelihood
-
-    Bernoulli(bought; p_d)  +  1[value > 0] * LogNormal NLL(value; mu + beta log(d/H), sigma)
-
-(`bought` and `value > 0` differ only for $0 purchases: bought, but no lognormal term). At the
-horizon, p_buy = 1 - exp(-exp(eta) H) and expected_value = p_buy * exp(mu + sigma^2 / 2).
-"""
+"""Zero-inflated lognormal (ZILN) head and loss (Wang, Liu & Miao 2019), with a purchase hazard
+and label windows of different length as exposure; see docs/models.md."""
 
 from __future__ import annotations
 

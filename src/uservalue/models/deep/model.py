@@ -1,0 +1,192 @@
+"""`TorchValueModel`, the ValueModel both deep models derive from (a subclass builds the network),
+and `TorchParams`, the knobs every deep model's training shares."""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from torch import nn
+
+from uservalue.features.sql import FeatureSpec
+from uservalue.models.base import FitContext, ModelParams, ValueModel, exposure_days, validation_mask
+from uservalue.models.deep import occlusion, ziln
+from uservalue.models.deep.checkpoints import cpu_state, data_fingerprint, fingerprint
+from uservalue.models.deep.data import AggregateStats, FeatureTensors, TokenStats, build_tensors, map_batches
+from uservalue.models.deep.layers import HashedEmbedding, rows_per_id
+from uservalue.models.deep.loop import train_network
+from uservalue.models.deep.runtime import resolve_device, seed_everything
+
+WEIGHTS_FILE = "weights.pt"
+INFLUENCE_FILE = "influence.json"
+
+
+class TorchParams(ModelParams):
+    """What every deep model's training needs (each model sets its own defaults)."""
+
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    batch_size: int = Field(512, ge=1)
+    max_epochs: int = Field(20, ge=1)
+    patience: int = Field(3, ge=1, description="epochs without a better validation loss before stopping")
+    grad_clip: float = Field(5.0, gt=0)
+    predict_batch_size: int = Field(8192, ge=1)
+    influence_rows: int = Field(4096, ge=0, description="rows the global behaviour influence is computed on")
+    min_id_rows: int = Field(20, ge=1, description="category/item ids held by fewer training rows are unknown (0)")
+    bucket_by_length: bool = Field(
+        False, description="training batches of similar sequence length: faster on skewed lengths, "
+                           "but the batches are no longer i.i.d. (noisier calibration)")
+
+
+class TorchValueModel(ValueModel):
+    """fit / predict / save / load / influence / attribute for a network built by the subclass."""
+
+    Params = TorchParams
+
+    def __init__(self, params: ModelParams, spec: FeatureSpec, horizon_days: int) -> None:
+        super().__init__(params, spec, horizon_days)
+        self.network: nn.Module | None = None
+        self.device = torch.device("cpu")
+        self._influence: dict[str, float] | None = None
+        self.fit_summary: dict[str, Any] = {}
+
+    # -- what a subclass provides ---------------------------------------------------------------
+    @abstractmethod
+    def build_network(self, agg_stats: AggregateStats, token_stats: TokenStats,
+                      bias: tuple[float, ...]) -> nn.Module:
+        """A fresh network (its forward(batch) returns ZILN outputs [B, 3]; it has `.head`)."""
+
+    @property
+    def user_buckets(self) -> int:
+        return 1
+
+    # -- data -----------------------------------------------------------------------------------
+    def tensors(self, frame: pd.DataFrame, *, labels: bool) -> FeatureTensors:
+        return build_tensors(frame, self.feature_columns, self.spec.sequence_length, self.horizon_days,
+                             user_buckets=self.user_buckets, labels=labels)
+
+    # -- fit ------------------------------------------------------------------------------------
+    def fit(self, train: pd.DataFrame, ctx: FitContext) -> dict[str, Any]:
+        params: TorchParams = self.params  # type: ignore[assignment]
+        device = resolve_device(ctx.device)
+        data = self.tensors(train, labels=True)
+        agg_stats = AggregateStats.fit(data.agg.numpy().astype(np.float64), self.feature_columns)
+        token_stats = TokenStats.fit(data.continuous.numpy(), data.lengths.numpy())
+        bias = ziln.initial_bias(data.bought.numpy(), data.value.numpy(), exposure_days(train, self.horizon_days),
+                                 self.horizon_days)
+        valid = validation_mask(train["user_id"], ctx.valid_fraction, ctx.seed)
+        seed_everything(ctx.seed)
+        net = self.build_network(agg_stats, token_stats, bias)
+        for name, buckets in (("category", self.spec.category_buckets), ("item", self.spec.item_buckets)):
+            table = getattr(net, name, None)
+            if isinstance(table, HashedEmbedding):
+                table.set_vocabulary(rows_per_id(getattr(data, name), data.lengths, buckets), params.min_id_rows)
+        run_fingerprint = fingerprint({
+            "model": self.name, "params": params.model_dump(mode="json"), "spec": self.spec.__dict__,
+            "horizon_days": self.horizon_days, "seed": ctx.seed, "valid_fraction": ctx.valid_fraction,
+            "data": data_fingerprint(data, valid),
+        })
+        summary = train_network(net, data, valid, params=params, ctx=ctx, horizon_days=self.horizon_days,
+                                device=device, run_fingerprint=run_fingerprint)
+        self.network, self.device = net, device
+        rows = np.flatnonzero(valid) if valid.any() else np.arange(len(data))
+        if params.influence_rows > 0:
+            if rows.size > params.influence_rows:
+                rows = np.sort(np.random.default_rng(ctx.seed).choice(rows, params.influence_rows, replace=False))
+            influence_start = time.perf_counter()
+            phi, counts = self._occlusion(data.subset(rows))
+            self._influence, self.per_event_effect = occlusion.global_influence(phi, counts, self.spec.behaviors)
+            summary["influence_seconds"] = time.perf_counter() - influence_start
+        self.fit_summary = summary
+        return summary
+
+    # -- predict --------------------------------------------------------------------------------
+    def _forward(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """The fitted network in eval mode, as batch -> raw float32 outputs [B, 3]."""
+        if self.network is None:
+            raise RuntimeError(f"{self.name} model is not fitted")
+        network = self.network.eval()
+        # Scoring runs in float32 on every device (bf16 is for training only), so a model gives the
+        # same predictions on CUDA and, after loading, on CPU up to float rounding.
+        return lambda batch: network(batch).float()
+
+    def _occlusion(self, data: FeatureTensors, outputs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return occlusion.occlusion(
+            data, self._forward(), self.feature_columns, self.spec.behaviors, horizon_days=self.horizon_days,
+            batch_size=self.params.predict_batch_size, device=self.device, outputs=outputs,  # type: ignore[attr-defined]
+        )
+
+    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
+        data = self.tensors(features, labels=False)
+        p_buy = np.empty(len(data))
+        value = np.empty(len(data))
+        batch_size = self.params.predict_batch_size  # type: ignore[attr-defined]
+        for index, out in map_batches(data, self._forward(), batch_size, self.device):
+            p, ev = ziln.predict(out, self.horizon_days)
+            p_buy[index.numpy()] = p.double().cpu().numpy()
+            value[index.numpy()] = ev.double().cpu().numpy()
+        return self._frame(features, p_buy, value)
+
+    def predict_with_influence(self, features: pd.DataFrame) -> pd.DataFrame:
+        # One tensor conversion and one forward pass of the full input serve both the prediction
+        # and the occlusion baseline (the service pays both on every request).
+        data = self.tensors(features, labels=False)
+        raw = np.empty((len(data), 3))
+        phi, counts = self._occlusion(data, outputs=raw)
+        # float32 outputs (exact through the float64 buffer): the same numbers as predict().
+        p_buy, value = ziln.predict(torch.from_numpy(raw.astype(np.float32)), self.horizon_days)
+        predictions = self._frame(features, p_buy.double().numpy(), value.double().numpy())
+        shares = occlusion.shares(phi, counts)
+        for i, behavior in enumerate(self.spec.behaviors):
+            predictions[f"influence_{behavior}"] = shares[:, i]
+        return predictions
+
+    # -- behaviour attribution ------------------------------------------------------------------
+    def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
+        data = self.tensors(features, labels=False)
+        frame = pd.DataFrame(occlusion.shares(*self._occlusion(data)), columns=list(self.spec.behaviors))
+        frame.insert(0, "user_id", features["user_id"].astype(str).to_numpy())
+        return frame
+
+    def influence(self) -> dict[str, float] | None:
+        return None if self._influence is None else dict(self._influence)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def _save_state(self, directory: Path) -> None:
+        if self.network is None:
+            raise RuntimeError(f"{self.name} model is not fitted")
+        net = self.network
+        torch.save({
+            "state_dict": cpu_state(net),
+            "agg_stats": net.agg_stats.to_dict(),
+            "token_stats": net.token_stats.to_dict(),
+            "bias": list(net.initial_bias),
+        }, directory / WEIGHTS_FILE)
+        (directory / INFLUENCE_FILE).write_text(json.dumps({
+            "influence": self._influence,
+            "per_event_effect": getattr(self, "per_event_effect", None),
+            "fit_summary": {k: v for k, v in self.fit_summary.items()},
+        }, indent=2, default=str))
+
+    def _load_state(self, directory: Path) -> None:
+        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        net = self.build_network(AggregateStats.from_dict(state["agg_stats"]),
+                                 TokenStats.from_dict(state["token_stats"]), tuple(state["bias"]))
+        net.load_state_dict(state["state_dict"])
+        self.device = resolve_device("auto")
+        self.network = net.to(self.device).eval()
+        influence_path = directory / INFLUENCE_FILE
+        if influence_path.is_file():
+            saved = json.loads(influence_path.read_text())
+            self._influence = saved.get("influence")
+            if saved.get("per_event_effect") is not None:
+                self.per_event_effect = saved["per_event_effect"]
+            self.fit_summary = saved.get("fit_summary") or {}
