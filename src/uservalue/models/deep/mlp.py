@@ -17,13 +17,9 @@ from uservalue.models.deep.ziln import ZilnHead
 
 class MlpParams(TorchParams):
     hidden: tuple[int, ...] = Field((128, 64), min_length=1, description="sizes of the hidden layers after the concat")
-    tower: int = Field(64, ge=1, description="width of the aggregate tower")
     embedding_dim: int = Field(16, ge=1)
     user_buckets: int = Field(32_768, ge=0, description="hashed user-id embedding buckets (0: none)")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    id_dropout: float = Field(0.5, ge=0, lt=1, description="training: share of user/category/item ids hidden")
     lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(512, ge=1)
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(4, ge=1)

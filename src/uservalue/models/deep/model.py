@@ -32,8 +32,11 @@ INFLUENCE_FILE = "influence.json"
 class TorchParams(ModelParams):
     """What every deep model's training needs (each model sets its own defaults)."""
 
+    tower: int = Field(64, ge=1, description="width of the aggregate tower")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    id_dropout: float = Field(0.5, ge=0, lt=1, description="training: share of the model's ids (user, category, item) hidden")
     lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(512, ge=1)
     max_epochs: int = Field(20, ge=1)
     patience: int = Field(3, ge=1, description="epochs without a better validation loss before stopping")
