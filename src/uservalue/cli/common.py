@@ -26,6 +26,8 @@ err = Console(stderr=True)
 ParamsOption = Annotated[
     Path, typer.Option("--params", "-p", help="params.yaml to read (one section per stage).")
 ]
+FeaturesDirOption = Annotated[Path, typer.Option(help="Output of the featurize stage (train/eval features, meta.json).")]
+ModelsDirOption = Annotated[Path, typer.Option(help="Directory holding one trained model per subdirectory.")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 

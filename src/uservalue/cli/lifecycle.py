@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from uservalue.cli import common
-from uservalue.cli.common import ParamsOption, err, load, path_option, progress_bar
+from uservalue.cli.common import FeaturesDirOption, ModelsDirOption, ParamsOption, err, load, path_option, progress_bar
 from uservalue.errors import EXIT_DRIFT, ConfigError, InputError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,7 +42,7 @@ def reports_errors(command: F) -> F:
 def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Model to train (one of params train.models' names).")],
     params: ParamsOption = Path("params.yaml"),
-    features_dir: Path = path_option("data/features", "Output of the featurize stage."),
+    features_dir: FeaturesDirOption = Path("data/features"),
     out_dir: Path = path_option("models/<model>", "Directory for the model, run.json and influence.json."),
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (overrides train.device).")] = None,
 ) -> None:
@@ -70,8 +70,8 @@ def train(
 @reports_errors
 def evaluate(
     params: ParamsOption = Path("params.yaml"),
-    features_dir: Path = path_option("data/features", "Output of the featurize stage."),
-    models_dir: Path = path_option("models", "Directory holding one trained model per subdirectory."),
+    features_dir: FeaturesDirOption = Path("data/features"),
+    models_dir: ModelsDirOption = Path("models"),
     metrics_out: Path = path_option("reports/metrics.json", "Metrics JSON of every model."),
     plots_dir: Path = path_option("reports/plots", "Plot data (gains, decile calibration)."),
     table_out: Path = path_option("reports/model_comparison.md", "Markdown comparison table."),
@@ -92,8 +92,8 @@ def evaluate(
 def register(
     params: ParamsOption = Path("params.yaml"),
     metrics: Path = path_option("reports/metrics.json", "Output of the evaluate stage."),
-    models_dir: Path = path_option("models", "Directory holding the trained models."),
-    features_dir: Path = path_option("data/features", "Output of the featurize stage."),
+    models_dir: ModelsDirOption = Path("models"),
+    features_dir: FeaturesDirOption = Path("data/features"),
     out: Path = path_option("reports/registry.json", "Decision record JSON."),
 ) -> None:
     """Register the evaluation champion; promote it to alias `champion` only through the gate (params `register`)."""
@@ -155,7 +155,7 @@ def score(
 def monitor(
     params: ParamsOption = Path("params.yaml"),
     events: Path = path_option("data/validated.parquet", "Events scored as the current window (monitor.current=batch)."),
-    features_dir: Path = path_option("data/features", "Output of featurize (the reference's features)."),
+    features_dir: FeaturesDirOption = Path("data/features"),
     out_dir: Path = path_option("reports/monitoring", "Where <date>.html and latest.json go."),
     current: Annotated[str | None, typer.Option(help="Override monitor.current: batch | log.")] = None,
     log_dir: Annotated[
