@@ -1,15 +1,6 @@
-"""The BentoML service: the registered champion behind HTTP.
-
-Thin on purpose: validation, features, scoring and the prediction log live in uservalue.serving.scorer,
-which batch scoring and the monitor use too. Built by the `package` stage (`bentoml build` with
-the exact model tag as a Bento argument) and started by `make serve`.
-
-Endpoints (JSON; errors are 4xx with {"error", "detail": [{"loc", "msg"}]}):
-  POST /predict    {"events": [...], "as_of"?: ISO time} -> {"predictions": [...]} for each user
-  POST /metadata   {} -> model name, version, run, training data hash and metrics
-  GET  /metrics    (BentoML's Prometheus endpoint) also uservalue_batch_requests and _seconds
-  GET  /readyz /livez (BentoML's probes; open even when USERVALUE_API_KEY is set)
-"""
+"""The BentoML service: the registered champion behind HTTP (POST /predict, POST /metadata; GET /metrics,
+/readyz, /livez). Thin on purpose: the work is in uservalue.serving (docs/serving.md). Built by the
+`package` stage (`bentoml build` with the exact model tag as a Bento argument), started by `make serve`."""
 
 from __future__ import annotations
 
@@ -20,7 +11,8 @@ import bentoml
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
-from uservalue.serving.scorer import ApiKeyMiddleware, Event, RequestError
+from uservalue.serving.auth import ApiKeyMiddleware
+from uservalue.serving.requests import Event, RequestError
 
 
 class BentoArguments(BaseModel):
@@ -37,22 +29,19 @@ class UserValueService:
     bento_model = bentoml.models.BentoModel(ARGUMENTS.model_tag)
 
     def __init__(self) -> None:
-        from uservalue.lifecycle.package import load_packaged_model
-        from uservalue.serving.scorer import (
-            BatchingPredictor,
-            PredictionLog,
-            Scorer,
-            batch_metrics,
-            serve_settings,
-        )
+        from uservalue.serving.batching import BatchingPredictor, batch_metrics
+        from uservalue.serving.bento_model import load_packaged_model
+        from uservalue.serving.prediction_log import PredictionLog
+        from uservalue.serving.scorer import Scorer
+        from uservalue.serving.settings import serve_settings
 
-        settings, log_dir = serve_settings()
+        settings = serve_settings()
         model, self.info, self.metadata_record = load_packaged_model(self.bento_model)
         scorer = Scorer(model, self.info, max_events=settings.max_events, max_users=settings.max_users)
         # Concurrent requests are scored together (see BatchingPredictor): one feature query and
         # one forward pass per batch instead of per request.
         self.predictor = BatchingPredictor(
-            scorer, PredictionLog(log_dir, settings.log_flush_records, settings.log_flush_seconds),
+            scorer, PredictionLog(settings.log_dir, settings.log_flush_records, settings.log_flush_seconds),
             max_wait_ms=settings.batch_wait_ms, observe=batch_metrics())
 
     @bentoml.api(route="/predict")

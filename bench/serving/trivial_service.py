@@ -7,7 +7,7 @@ from typing import Any
 
 import bentoml
 
-from uservalue.serving.scorer import Event
+from uservalue.serving.requests import Event
 
 
 @bentoml.service(name="trivial", workers=1)

@@ -12,15 +12,9 @@ from pydantic import ValidationError
 
 from uservalue.errors import ConfigError
 from uservalue.schema import EVENTS_SCHEMA
-from uservalue.serving.scorer import (
-    Event,
-    PredictionLog,
-    RequestError,
-    events_table,
-    read_prediction_log,
-    serve_settings,
-    validate_events,
-)
+from uservalue.serving.prediction_log import PredictionLog, read_prediction_log
+from uservalue.serving.requests import Event, RequestError, events_table, validate_events
+from uservalue.serving.settings import serve_settings
 
 BEHAVIORS = ("view", "fav", "cart", "buy")
 
@@ -130,20 +124,41 @@ def test_empty_log_reads_as_an_empty_frame(tmp_path: Path) -> None:
     assert read_prediction_log(tmp_path / "nothing").empty
 
 
-def test_serve_settings_come_from_params_then_env(tmp_path: Path) -> None:
+def test_serve_settings_come_from_params_then_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "params.yaml").write_text(
         "split: {eval_cutoff: '1997-10-01', horizon_days: 30, train_cutoffs: ['1997-07-01']}\n"
         "serve: {max_users: 7, log_dir: logs/predictions}\n"
     )
-    settings, log_dir = serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path)})
-    assert settings.max_users == 7 and log_dir == tmp_path / "logs/predictions"
-    settings, log_dir = serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path), "USERVALUE_MAX_USERS": "3",
-                                        "USERVALUE_PREDICTION_LOG_DIR": str(tmp_path / "elsewhere")})
-    assert settings.max_users == 3 and log_dir == tmp_path / "elsewhere"
-    with pytest.raises(ConfigError, match="USERVALUE_MAX_USERS"):
-        serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path), "USERVALUE_MAX_USERS": "many"})
-    assert settings.batch_wait_ms == 5.0
-    settings, _ = serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path), "USERVALUE_BATCH_WAIT_MS": "0"})
-    assert settings.batch_wait_ms == 0.0
+    for name in ("USERVALUE_PARAMS", "USERVALUE_MAX_USERS", "USERVALUE_BATCH_WAIT_MS", "USERVALUE_LOG_DIR",
+                 "USERVALUE_PREDICTION_LOG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("USERVALUE_PROJECT_DIR", str(tmp_path))
+    settings = serve_settings()
+    assert settings.max_users == 7 and settings.log_dir == tmp_path / "logs/predictions"
+    assert settings.batch_wait_ms == 5.0 and settings.max_events == 100_000  # the section's defaults
+    monkeypatch.setenv("USERVALUE_MAX_USERS", "3")
+    monkeypatch.setenv("USERVALUE_PREDICTION_LOG_DIR", str(tmp_path / "elsewhere"))
+    settings = serve_settings()
+    assert settings.max_users == 3 and settings.log_dir == tmp_path / "elsewhere"
+    monkeypatch.delenv("USERVALUE_PREDICTION_LOG_DIR")
+    monkeypatch.setenv("USERVALUE_LOG_DIR", "relative/log")  # USERVALUE_<FIELD>, relative to the project
+    assert serve_settings().log_dir == tmp_path / "relative/log"
+    monkeypatch.setenv("USERVALUE_MAX_USERS", "")  # empty: not set
+    assert serve_settings().max_users == 7
+    monkeypatch.setenv("USERVALUE_MAX_USERS", "many")
+    with pytest.raises(ConfigError, match="USERVALUE_MAX_USERS") as bad:
+        serve_settings()
+    assert str(tmp_path / "params.yaml") in str(bad.value) and "section serve" in str(bad.value)
+    monkeypatch.delenv("USERVALUE_MAX_USERS")
+    monkeypatch.setenv("USERVALUE_BATCH_WAIT_MS", "0")
+    assert serve_settings().batch_wait_ms == 0.0
+    monkeypatch.setenv("USERVALUE_BATCH_WAIT_MS", "-1")
     with pytest.raises(ConfigError, match="batch_wait_ms"):
-        serve_settings({"USERVALUE_PROJECT_DIR": str(tmp_path), "USERVALUE_BATCH_WAIT_MS": "-1"})
+        serve_settings()
+    # Another params file, and none at all (ServeParams' defaults).
+    (tmp_path / "other.yaml").write_text((tmp_path / "params.yaml").read_text().replace("max_users: 7", "max_users: 9"))
+    monkeypatch.delenv("USERVALUE_BATCH_WAIT_MS")
+    monkeypatch.setenv("USERVALUE_PARAMS", str(tmp_path / "other.yaml"))
+    assert serve_settings().max_users == 9
+    monkeypatch.setenv("USERVALUE_PARAMS", str(tmp_path / "missing.yaml"))
+    assert serve_settings().max_users == 1000

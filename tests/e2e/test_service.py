@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import free_port, run_in, set_param, tool_env, use_synthetic_data
-from uservalue.serving.scorer import read_prediction_log
+from uservalue.serving.prediction_log import read_prediction_log
 
 pytestmark = pytest.mark.slow
 

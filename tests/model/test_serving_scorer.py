@@ -9,19 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from uservalue.models import create_model
-from uservalue.models.base import FitContext
-from uservalue.serving.scorer import (
-    BatchingPredictor,
-    Event,
-    ModelInfo,
-    PredictionLog,
-    RequestError,
-    Scorer,
-    read_prediction_log,
-    score_events,
-    score_features,
-)
+from uservalue.models.catalog import create_model
+from uservalue.models.base import FitContext, ModelInfo
+from uservalue.serving.batching import BatchingPredictor
+from uservalue.serving.prediction_log import PredictionLog, read_prediction_log
+from uservalue.serving.requests import Event, RequestError
+from uservalue.serving.scorer import Scorer, score_events, score_features
 
 # Two models with different feature paths: aggregates only, and sequences with occlusion influence.
 SERVED = {"linear": {}, "sequence": {"max_epochs": 1}}

@@ -18,6 +18,7 @@ from uservalue.io import write_json
 from uservalue.lifecycle.context import StageContext
 from uservalue.lifecycle.metrics import VALUE_METRIC_KEYS
 from uservalue.lifecycle.tracking import GIT_COMMIT_TAG
+from uservalue.serving.bento_model import TYPE_LABEL, registry_labels
 
 BENTOML_DIR = ".bentoml"
 WHEEL_DIR = Path("dist")
@@ -45,16 +46,11 @@ def _champion(ctx: StageContext) -> tuple[Any, Any]:
     return version, mlflow.MlflowClient().get_run(version.run_id)
 
 
-def registry_labels(name: str, version: Any) -> dict[str, str]:
-    """The BentoML labels (model and Bento) that name the registry version packaged."""
-    return {"mlflow_model_name": name, "mlflow_version": str(version.version), "mlflow_run_id": version.run_id}
-
-
 def _import_model(version: Any, run: Any, params: Params) -> Any:
     import bentoml
 
     name = params.register_.model_name
-    labels = {**registry_labels(name, version), "model_type": run.data.tags.get("model", "")}
+    labels = {**registry_labels(name, version.version, version.run_id), TYPE_LABEL: run.data.tags.get("model", "")}
     try:
         stored = bentoml.models.list(name)
     except bentoml.exceptions.NotFound:
@@ -111,7 +107,7 @@ def run_package(ctx: StageContext, bentofile: str | Path, out_path: str | Path) 
     version, run = _champion(ctx)
     model = _import_model(version, run, params)
     build_wheel(project_dir)
-    labels = registry_labels(params.register_.model_name, version)
+    labels = registry_labels(params.register_.model_name, version.version, version.run_id)
     command = [str(Path(sys.executable).with_name("bentoml")), "build", str(project_dir), "-f", str(bentofile),
                "--name", params.package.bento_name, "--output", "tag", "--arg", f"model_tag={model.tag}",
                *[arg for k, v in labels.items() for arg in ("--label", f"{k}={v}")]]

@@ -1,0 +1,66 @@
+"""The service's settings: params.yaml section `serve`, each field overridden by its USERVALUE_* variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from uservalue.config import ServeParams, load_params
+from uservalue.errors import ConfigError
+
+ENV_PREFIX = "USERVALUE_"
+
+
+def project_dir() -> Path:
+    """USERVALUE_PROJECT_DIR, else the working directory."""
+    return Path(os.environ.get(f"{ENV_PREFIX}PROJECT_DIR", ".")).resolve()
+
+
+def params_file() -> Path:
+    """USERVALUE_PARAMS, else the project's params.yaml."""
+    return Path(os.environ.get(f"{ENV_PREFIX}PARAMS", project_dir() / "params.yaml"))
+
+
+class ParamsSection(PydanticBaseSettingsSource):
+    """The `serve` section of the params file (validated as a whole by load_params), if there is one."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self()[field_name], field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = params_file()
+        return load_params(path).serve.model_dump() if path.is_file() else {}
+
+
+class ServeSettings(BaseSettings, ServeParams):
+    """The params file's ServeParams, each field overridden by USERVALUE_<FIELD>."""
+
+    # extra="ignore": log_dir has two names, and pydantic counts the unused one as an extra input (the
+    # params file's typos are caught by load_params, and the environment only yields known fields).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_prefix_target="all", env_ignore_empty=True,
+                                      extra="ignore")
+
+    # USERVALUE_PREDICTION_LOG_DIR: the name deployments already use (USERVALUE_LOG_DIR works too).
+    log_dir: Path = Field(Path(ServeParams.model_fields["log_dir"].default),
+                          validation_alias=AliasChoices("prediction_log_dir", "log_dir"),
+                          description=ServeParams.model_fields["log_dir"].description)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, **_: Any) -> tuple[Any, ...]:
+        return init_settings, env_settings, ParamsSection(settings_cls)
+
+
+def serve_settings() -> ServeSettings:
+    """The service's settings, with a relative log_dir resolved against the project."""
+    try:
+        settings = ServeSettings()
+    except ValidationError as error:
+        variables = sorted({f"{ENV_PREFIX}{str(e['loc'][0]).upper()}" for e in error.errors()})
+        raise ConfigError(f"serve settings ({params_file()} section serve, env {', '.join(variables)}): {error}") from None
+    return settings.model_copy(update={"log_dir": project_dir() / settings.log_dir})
