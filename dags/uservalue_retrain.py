@@ -7,12 +7,12 @@ from airflow.sdk import DAG, Param, get_current_context, task
 
 from uservalue.orchestration.airflow_tasks import (
     DVC_POOL,
+    active_runs,
     overrides_from_conf,
     retry_args,
     run_stage,
     run_uservalue,
     uservalue_command,
-    wait_while_running,
 )
 
 MONITOR_DAG_ID = "uservalue_monitor"
@@ -22,9 +22,11 @@ DOC_MD = """
 
 Re-runs the project's DVC pipeline, one task per stage, in the project workspace
 (`USERVALUE_PROJECT_DIR`, else the Airflow Variable `uservalue_project_dir`, else the folder above
-`dags/`): **ingest → validate** (Great Expectations) **→ featurize → train** (one mapped task per
-model, `train@<model>`) **→ evaluate → register** (MLflow registry, gated promotion to
-`@champion`) **→ package** (BentoML model + Bento of the champion).
+`dags/`): **monitor_idle** (a sensor: while a `uservalue_monitor` run is running, it checks again
+every minute without holding a worker slot) **→ plan** (checks the conf) **→ ingest → validate**
+(Great Expectations) **→ featurize → train** (one mapped task per model, `train@<model>`)
+**→ evaluate → register** (MLflow registry, gated promotion to `@champion`) **→ package**
+(BentoML model + Bento of the champion).
 
 Each task is `dvc repro --single-item <stage>`: DVC skips what is up to date (tick **force** to
 re-run anyway) and keeps `dvc.lock`. Stage tasks share the pool `uservalue_dvc` (one slot), so two
@@ -32,8 +34,9 @@ DVC commands never run at once in the workspace, this DAG's or `uservalue_monito
 
 **Trigger DAG w/ config**: every field is optional; a filled one overrides params.yaml for this run
 only (the workspace's params.yaml is unchanged afterwards; `dvc.lock` records what was used).
-A validation failure is final (no retry): the validate task's log lists the failed expectations
-and links the report in `reports/validation/`. The previous champion and Bento stay in place
+Only transient failures (a store, a lock, a build; a killed stage) are retried. Bad input and a
+validation failure are final (no retry); the validate task's log lists the failed expectations and
+links the report in `reports/validation/`. The previous champion and Bento stay in place
 whenever a run fails or the new model does not pass the registry's gate.
 """
 
@@ -64,15 +67,20 @@ with DAG(
     tags=["uservalue", "dvc", "mlflow", "bentoml", "retrain"],
 ) as dag:
 
+    # Waits without holding a worker slot: each poke is a short task try, rescheduled until it passes.
+    @task.sensor(poke_interval=60, timeout=3600, mode="reschedule")
+    def monitor_idle() -> bool:
+        """No running uservalue_monitor run (it may still be re-ingesting data): stages never interleave."""
+        running = active_runs(MONITOR_DAG_ID, ("running",))
+        if running:
+            print(f"{running} {MONITOR_DAG_ID} run(s) running: checking again in a minute")
+        return running == 0
+
     @task(retries=0)
     def plan() -> list[str]:
-        """Check the conf's overrides against params.yaml; the models to train (no retry: bad conf is final).
-
-        Waits first for a running uservalue_monitor run to end (it may still be re-ingesting data).
-        """
+        """Check the conf's overrides against params.yaml; the models to train (no retry: bad conf is final)."""
         import json
 
-        wait_while_running(MONITOR_DAG_ID)
         context = get_current_context()
         params = context["params"]
         print(f"reason: {params.get('reason')}")
@@ -95,7 +103,8 @@ with DAG(
         run_stage(f"train@{model}")
 
     models = plan()
-    # Retries: reading a source or the tracking store can fail transiently; a validation failure cannot.
+    monitor_idle() >> models
+    # Retries reach transient failures only (exit 75, a killed stage): exit 1 or 2 fails at once, whatever the count.
     ingest = stage_task("ingest", retries=2)
     validate = stage_task("validate", retries=0)
     featurize = stage_task("featurize", retries=1)

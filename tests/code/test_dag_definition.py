@@ -1,5 +1,5 @@
-"""The DAG files parse in a real Airflow DagBag, quickly, with the tasks, order, pool and retries the
-orchestration promises (issue 5). Running them is tests/e2e/test_airflow_dags.py."""
+"""The DAG files parse in a real Airflow DagBag, without heavy imports, with the tasks, order, pool,
+sensor and retries the orchestration promises (issue 5). Running them is tests/e2e/test_airflow_dags.py."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from itertools import pairwise
 import pytest
 import yaml
 
+from bench.dag_parse import HEAVY, parse_fresh
 from tests.conftest import REPO_ROOT
-from uservalue.orchestration.airflow_local import DVC_POOL
-from uservalue.orchestration.airflow_tasks import DVC_POOL as DAG_DVC_POOL
+from uservalue.orchestration.airflow_tasks import DVC_POOL
 
-RETRAIN_ORDER = ["plan", "ingest", "validate", "featurize", "train", "evaluate", "register", "package"]
+RETRAIN_STAGES = ["ingest", "validate", "featurize", "train", "evaluate", "register", "package"]
+RETRAIN_ORDER = ["monitor_idle", "plan", *RETRAIN_STAGES]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,16 @@ def test_every_dag_file_imports_and_parses_fast(dagbag) -> None:
     assert {stat.file for stat in dagbag.dagbag_stats} == {"uservalue_retrain.py", "uservalue_monitor.py"}
 
 
+@pytest.mark.parametrize("dag_file", sorted((REPO_ROOT / "dags").glob("*.py")), ids=lambda path: path.name)
+def test_parsing_a_dag_file_imports_nothing_heavy(dag_file, tmp_path) -> None:
+    report = parse_fresh(dag_file, tmp_path)  # a fresh interpreter, as the DAG processor parses each file
+    assert report["dags"] == [dag_file.stem]
+    assert {"torch", "mlflow", "duckdb", "bentoml", "evidently", "great_expectations", "dvc", "pandas"} <= set(HEAVY)
+    assert report["heavy"] == [], report["heavy"]  # none of HEAVY is loaded
+    assert set(report["uservalue"]) <= {"uservalue", "uservalue.errors", "uservalue.orchestration",
+                                        "uservalue.orchestration.airflow_tasks"}, report["uservalue"]
+
+
 def test_retrain_has_one_task_per_dvc_stage_in_pipeline_order(dagbag) -> None:
     dag = dagbag.dags["uservalue_retrain"]
     assert [t.task_id for t in dag.topological_sort()] == RETRAIN_ORDER
@@ -43,24 +54,31 @@ def test_retrain_has_one_task_per_dvc_stage_in_pipeline_order(dagbag) -> None:
         assert upstream in dag.get_task(downstream).upstream_task_ids
     # Every DVC stage of dvc.yaml up to package has its task (monitor is the other DAG's).
     stages = list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
-    assert stages[: stages.index("package") + 1] == RETRAIN_ORDER[1:]
+    assert stages[: stages.index("package") + 1] == RETRAIN_STAGES
     # train is mapped: one task instance per model, resolved by `plan` at run time.
     assert dag.get_task("train").upstream_task_ids == {"plan", "featurize"}
     assert "MappedOperator" in {cls.__name__ for cls in type(dag.get_task("train")).__mro__}
 
 
 def test_workspace_tasks_share_the_one_slot_pool_and_retry_only_where_it_helps(dagbag) -> None:
-    assert DAG_DVC_POOL == DVC_POOL  # the pool `make airflow` creates is the one the DAGs use
     retrain, monitor = dagbag.dags["uservalue_retrain"], dagbag.dags["uservalue_monitor"]
-    for dag, dvc_tasks in ((retrain, RETRAIN_ORDER[1:]), (monitor, ["ingest", "validate", "monitor"])):
+    for dag, dvc_tasks in ((retrain, RETRAIN_STAGES), (monitor, ["ingest", "validate", "monitor"])):
         for task_id in dvc_tasks:
             assert dag.get_task(task_id).pool == DVC_POOL, (dag.dag_id, task_id)
     assert retrain.get_task("plan").pool != DVC_POOL  # reads params only
+    assert retrain.get_task("monitor_idle").pool != DVC_POOL
     for dag in (retrain, monitor):
         assert dag.get_task("validate").retries == 0  # a validation failure is final
         assert dag.get_task("ingest").retries >= 1 and dag.get_task("ingest").retry_exponential_backoff
     assert retrain.get_task("register").retries >= 1
     assert retrain.max_active_runs == 1 and monitor.max_active_runs == 1
+
+
+def test_retrain_waits_for_a_running_monitor_without_holding_a_worker_slot(dagbag) -> None:
+    sensor = dagbag.dags["uservalue_retrain"].get_task("monitor_idle")
+    assert sensor.mode == "reschedule"  # between pokes the task is up_for_reschedule, not sleeping in a worker
+    assert sensor.poke_interval >= 60 and sensor.timeout == 3600
+    assert sensor.downstream_task_ids == {"plan"} and not sensor.upstream_task_ids
 
 
 def test_retrain_conf_form_has_described_params(dagbag) -> None:

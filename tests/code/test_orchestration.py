@@ -2,7 +2,8 @@
 (uservalue.orchestration.airflow_tasks) and the `make airflow` launcher's settings (uservalue.orchestration.airflow_local).
 
 The stage runner is exercised with real DVC in a throw-away git repository whose one stage
-records the params it saw."""
+records the params it saw; DVC's locks are held with DVC's own lock API. How Airflow retries (or
+not) on these exit codes: tests/e2e/test_airflow_retries.py."""
 
 from __future__ import annotations
 
@@ -15,27 +16,26 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dvc.fs import localfs
+from dvc.lock import Lock
+from dvc.rwlock import rwlock
 
 from tests.conftest import REPO_ROOT
+from uservalue.errors import EXIT_BAD_INPUT, EXIT_DRIFT, EXIT_TRANSIENT, EXIT_VALIDATION_FAILED, ConfigError
 from uservalue.orchestration.airflow_local import ensure_admin_password, standalone_env
-from uservalue.orchestration.airflow_tasks import overrides_from_conf, uservalue_command
-from uservalue.errors import ConfigError
-from uservalue.orchestration.stage_runner import (
-    BACKUP_NAME,
-    apply_overrides,
-    effective_params,
-    overridden_params,
-    parse_assignments,
-    plan,
-    run_stage,
-)
+from uservalue.orchestration.airflow_tasks import overrides_from_conf, retryable, uservalue_command
+from uservalue.config import apply_overrides, parse_assignments
+from uservalue.orchestration.stage_runner import BACKUP_NAME, effective_params, overridden_params, plan, run_stage
 
-# A stage that copies the params it was run with, and fails with the code in params `toy.exit`.
+# A stage that copies the params it was run with, and fails with the code in params `toy.exit`
+# (`kill`: dies by SIGKILL).
 TOY_STAGE = """
-import sys, yaml
+import os, signal, sys, yaml
 params = yaml.safe_load(open("params.yaml"))
 open("seen.yaml", "w").write(yaml.safe_dump(params["toy"]))
 print("toy stage ran", flush=True)
+if params["toy"]["exit"] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
 sys.exit(params["toy"]["exit"])
 """
 
@@ -108,6 +108,8 @@ def test_stage_runs_through_dvc_with_overrides_and_leaves_params_as_they_were(pr
 def test_stage_exit_code_is_the_stage_commands_own(project: Path) -> None:
     assert run_stage(project, "toy", {"toy.exit": 2}).exit_code == 2  # bad input: final for Airflow
     assert run_stage(project, "toy", {"toy.exit": 5}).exit_code == 5
+    assert run_stage(project, "toy", {"toy.exit": 75}).exit_code == 75  # the stage's own transient failure
+    assert run_stage(project, "toy", {"toy.exit": "kill"}).exit_code == 128 + 9  # as a shell reports SIGKILL
     with pytest.raises(ConfigError, match="no key 'nope'"):
         run_stage(project, "toy", {"toy.nope": 1})  # rejected before DVC runs
 
@@ -127,6 +129,34 @@ def test_stage_cli_exits_with_the_stage_code(project: Path) -> None:
                            "--set", "toy.exit=2"], check=False, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     assert "toy stage ran" in done.stdout and "failed (exit 2)" in done.stderr
+
+
+def test_dvc_repository_lock_held_elsewhere_exits_transient(project: Path) -> None:
+    lock = Lock(str(project / ".dvc/tmp/lock"))  # what any other dvc command in the workspace holds
+    lock.lock()
+    try:
+        done = subprocess.run([sys.executable, "-m", "uservalue", "stage", "toy", "--project-dir", str(project)],
+                              check=False, capture_output=True, text=True)
+    finally:
+        lock.unlock()
+    assert done.returncode == EXIT_TRANSIENT == 75, done.stdout + done.stderr
+    assert "Unable to acquire lock" in done.stdout and "failed (exit 75)" in done.stderr
+    assert not (project / "seen.yaml").exists()  # the stage never ran...
+    assert run_stage(project, "toy").exit_code == 0  # ...and runs once the lock is free
+
+
+def test_output_locked_by_another_dvc_process_exits_transient(project: Path) -> None:
+    project = project.resolve()
+    with rwlock(str(project / ".dvc/tmp"), localfs, "dvc repro (another)", [], [str(project / "seen.yaml")], False):
+        assert run_stage(project, "toy").exit_code == EXIT_TRANSIENT  # DVC: "'.../seen.yaml' is busy"
+    assert run_stage(project, "toy").exit_code == 0
+
+
+def test_only_transient_failures_and_signals_are_retryable() -> None:
+    assert retryable(EXIT_TRANSIENT)
+    assert retryable(-9) and retryable(128 + 9) and retryable(128 + 15)  # killed: SIGKILL (OOM), SIGTERM
+    for final in (EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_DRIFT, 4, 127, 255):
+        assert not retryable(final), final
 
 
 def test_conf_becomes_overrides() -> None:

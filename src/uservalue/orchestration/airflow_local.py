@@ -1,13 +1,5 @@
-"""`make airflow`: Airflow standalone for this project, safe defaults, nothing in the repository.
-
-Airflow's own standalone defaults bind 0.0.0.0:8080 with 32 workers and load the example DAGs.
-Here: AIRFLOW_HOME inside the project (`.airflow/`, git-ignored), the project's `dags/`, SQLite
-and LocalExecutor with a small parallelism, the API/UI on 127.0.0.1, no examples, and an admin
-password generated once, printed once and kept in `.airflow/passwords.json` (mode 600).
-
-Every setting is only a default: an `AIRFLOW__SECTION__KEY` variable already set wins, so
-PostgreSQL or another executor is a matter of configuration (see the README).
-"""
+"""`make airflow`: Airflow standalone for this project with safe local defaults, each yielding to an
+`AIRFLOW__SECTION__KEY` already set; see docs/orchestration.md."""
 
 from __future__ import annotations
 
@@ -20,10 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from uservalue.errors import ConfigError
+from uservalue.io import write_text
+from uservalue.orchestration.airflow_tasks import DVC_POOL
 
 ADMIN_USER = "admin"
-# Tasks that run DVC in the workspace share this pool of one slot (the DAGs name it too).
-DVC_POOL = "uservalue_dvc"
 DVC_POOL_DESCRIPTION = "DVC stages of the uservalue workspace: one at a time (DVC's repository lock)"
 
 
@@ -74,13 +66,8 @@ def ensure_admin_password(path: Path, user: str = ADMIN_USER) -> tuple[str, bool
         if isinstance(stored, dict) and isinstance(stored.get(user), str) and stored[user]:
             return stored[user], False
         raise ConfigError(f"{path}: no password for user {user!r}; expected {{\"{user}\": \"<password>\"}}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(18)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({user: password}, handle)
-    os.replace(tmp, path)
+    write_text(path, json.dumps({user: password}), mode=0o600)
     return password, True
 
 

@@ -1,14 +1,6 @@
-"""What the uservalue DAGs (dags/) share: where the project is, and how a DVC stage runs as a task.
-
-The DAG files import this module while the scheduler parses them, which happens often: only the
-standard library here at import time. Airflow is imported inside the functions tasks call, and
-everything heavy (DVC, MLflow, the models) runs in a subprocess of the task.
-
-A stage task runs `python -m uservalue stage <stage>` in the project: `dvc repro --single-item`
-with the run conf's overrides written into params.yaml for that stage only (the original text is
-put back afterwards). Exit code 2 means the stage rejected its input or configuration: the task
-fails at once, without retries. Any other failure is left to the task's retries.
-"""
+"""What the DAG files (dags/) share: where the project is, the DVC pool, and how a stage runs as a task.
+Standard library only at import time (the scheduler imports this whenever it parses a DAG file);
+see docs/orchestration.md."""
 
 from __future__ import annotations
 
@@ -17,15 +9,18 @@ import os
 import sys
 from collections.abc import Mapping
 from datetime import timedelta
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
+
+from uservalue.errors import EXIT_TRANSIENT  # errors.py is standard library only
 
 PROJECT_DIR_ENV = "USERVALUE_PROJECT_DIR"
 PROJECT_DIR_VARIABLE = "uservalue_project_dir"
 # Every task that runs DVC in the workspace takes the one slot of this pool (DVC's repository lock
 # forbids two `dvc repro` at once in one workspace). `make airflow` creates it.
 DVC_POOL = "uservalue_dvc"
-EXIT_BAD_INPUT = 2
+_SIGNALS = 64  # Linux: 1..SIGRTMAX; a shell reports death by signal N as 128+N
 
 # Run-conf fields of uservalue_retrain -> the params.yaml key each overrides.
 CONF_OVERRIDES = {
@@ -74,8 +69,24 @@ def uservalue_command(*args: str, overrides: Mapping[str, Any] | None = None, fo
     return command
 
 
+def retryable(exit_code: int) -> bool:
+    """Exit 75 (EX_TEMPFAIL: a store, lock or build subprocess failed) or death by a signal (-N or 128+N)."""
+    return exit_code == EXIT_TRANSIENT or exit_code < 0 or 128 < exit_code <= 128 + _SIGNALS
+
+
+def _describe(command: list[str]) -> str:
+    """`stage ingest` for `python -m uservalue stage ingest --project-dir ...`; the command's start otherwise."""
+    if command[1:3] != ["-m", "uservalue"]:
+        return " ".join(command)[:80]
+    return " ".join(takewhile(lambda word: not word.startswith("-"), command[3:]))
+
+
 def run_uservalue(command: list[str], context: Mapping[str, Any]) -> str:
-    """Run a uservalue command, its output in the task log; its last line. Exit 2 fails without retry."""
+    """Run a uservalue command, its output in the task log; its last line.
+
+    A transient failure (retryable()) raises AirflowException, left to the task's retries; any other
+    non-zero exit (2 bad input, 1 validation failed, ...) raises AirflowFailException: final, no retry.
+    """
     from airflow.providers.standard.hooks.subprocess import SubprocessHook
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
@@ -89,11 +100,12 @@ def run_uservalue(command: list[str], context: Mapping[str, Any]) -> str:
         "DVC_NO_ANALYTICS": "1",
     })
     result = SubprocessHook().run_command(command, env=env, cwd=str(project_dir()))
-    if result.exit_code == EXIT_BAD_INPUT:
-        raise AirflowFailException(f"{command[3]} rejected its input or configuration (exit 2): {result.output}")
-    if result.exit_code != 0:
-        raise AirflowException(f"{' '.join(command[3:5])} failed with exit code {result.exit_code}: {result.output}")
-    return result.output
+    if result.exit_code == 0:
+        return result.output
+    failed = f"{_describe(command)} failed with exit code {result.exit_code}"
+    if retryable(result.exit_code):
+        raise AirflowException(f"{failed} (transient: the task's retries may help): {result.output}")
+    raise AirflowFailException(f"{failed} (final: no retry): {result.output}")
 
 
 def run_stage(stage: str, *, force_stage: bool = False) -> None:
@@ -111,21 +123,3 @@ def active_runs(dag_id: str, states: tuple[str, ...] = ("queued", "running")) ->
     from airflow.sdk import get_current_context
 
     return get_current_context()["ti"].get_dr_count(dag_id=dag_id, states=list(states))
-
-
-def wait_while_running(dag_id: str, timeout_s: float = 3600, poll_s: float = 10) -> None:
-    """Block until no run of `dag_id` is running: the two DAGs never interleave stages in one workspace.
-
-    The pool keeps DVC commands one at a time; this keeps a monitor run from re-ingesting between a
-    retrain's ingest and featurize (the monitor that triggered a retrain ends seconds later).
-    """
-    import time
-
-    from airflow.sdk.exceptions import AirflowException
-
-    deadline = time.monotonic() + timeout_s
-    while (running := active_runs(dag_id, ("running",))) > 0:
-        if time.monotonic() > deadline:
-            raise AirflowException(f"{dag_id} still has {running} running run(s) after {timeout_s:.0f} s")
-        print(f"waiting for {running} running {dag_id} run(s) to finish before touching the workspace", flush=True)
-        time.sleep(poll_s)

@@ -1,15 +1,5 @@
-"""Run one DVC stage of the project with temporary parameter overrides (what an Airflow task does).
-
-A retrain triggered from the Airflow UI may change a few params (data source, evaluation cutoff,
-models, ...). DVC only sees parameters through params.yaml, so for the duration of one stage the
-overrides are written into params.yaml and the original text is put back afterwards, whatever
-happens. A copy of the original waits in `.dvc/tmp` while the stage runs: if the process is killed
-mid-stage, the next stage run restores it before anything else. A file lock keeps two stage runs
-from interleaving in one workspace (DVC's own repository lock would make the second one fail).
-
-Exit codes follow the CLI's: the stage command's own code when DVC reports one (2 = bad input or
-configuration, final), 1 otherwise. Nothing here runs at import time.
-"""
+"""Run one DVC stage with temporary params overrides (what an Airflow task does): params.yaml holds the
+overrides for that stage only, under a workspace lock. Exit codes: see docs/orchestration.md."""
 
 from __future__ import annotations
 
@@ -19,7 +9,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,48 +17,17 @@ from typing import Any
 
 import yaml
 
-from uservalue.config import Params, parse_params
-from uservalue.errors import ConfigError
+from uservalue.config import Params, apply_overrides, parse_params
+from uservalue.errors import EXIT_TRANSIENT, ConfigError
+from uservalue.io import write_text
 
 PARAMS_FILE = "params.yaml"
 BACKUP_NAME = "uservalue-params-before-overrides.yaml"
 LOCK_NAME = "uservalue-stage.lock"
 # DVC reports a failed stage command as "... failed to run: <cmd>, exited with <code>".
 _STAGE_EXIT = re.compile(r"exited with (-?\d+)")
-
-
-def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
-    """["train.models=[linear, mlp]", "split.horizon_days=90"] -> {dotted key: YAML value} (as `dvc exp run -S`)."""
-    overrides: dict[str, Any] = {}
-    for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set {assignment!r}: expected <section.key>=<value>, e.g. split.horizon_days=90")
-        try:
-            overrides[key] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({error})") from None
-    return overrides
-
-
-def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any], source: str = PARAMS_FILE) -> dict[str, Any]:
-    """A deep copy of the params with each dotted key replaced; a key params.yaml lacks is an error."""
-    out = yaml.safe_load(yaml.safe_dump(dict(raw)))  # deep copy of plain YAML data
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        target = out
-        walked: list[str] = []
-        for part in parents:
-            walked.append(part)
-            if not isinstance(target.get(part), dict):
-                raise ConfigError(f"override {dotted!r}: {source} has no section {'.'.join(walked)!r}")
-            target = target[part]
-        if leaf not in target:
-            known = ", ".join(sorted(map(str, target))) or "none"
-            raise ConfigError(f"override {dotted!r}: {source} has no key {leaf!r} there (known: {known})")
-        target[leaf] = value
-    return out
+# DVC's messages when another process holds its repository lock (dvc.lock) or an output's rwlock (dvc.rwlock).
+_DVC_LOCK_BUSY = ("Unable to acquire lock", "is busy, it is being blocked by")
 
 
 def effective_params(project_dir: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], Params]:
@@ -109,18 +68,12 @@ def _original_params_text(project_dir: Path) -> str:
     return path.read_text()
 
 
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def restore_params(project_dir: Path) -> bool:
     """Put back params.yaml from a leftover backup; True if there was one."""
     backup = project_dir / ".dvc" / "tmp" / BACKUP_NAME
     if not backup.is_file():
         return False
-    _replace_text(project_dir / PARAMS_FILE, backup.read_text())
+    write_text(project_dir / PARAMS_FILE, backup.read_text())
     backup.unlink()
     return True
 
@@ -152,9 +105,9 @@ def overridden_params(project_dir: Path, merged: Mapping[str, Any] | None) -> It
         return
     path = project_dir / PARAMS_FILE
     backup = _tmp_dir(project_dir) / BACKUP_NAME
-    _replace_text(backup, path.read_text())
+    write_text(backup, path.read_text())
     try:
-        _replace_text(path, yaml.safe_dump(merged, sort_keys=False))
+        write_text(path, yaml.safe_dump(merged, sort_keys=False))
         yield
     finally:
         restore_params(project_dir)
@@ -175,9 +128,14 @@ def _child_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def _run_streaming(command: list[str], cwd: Path, env: Mapping[str, str]) -> tuple[int, int | None]:
-    """Run, copying output line by line (so Airflow's log shows it live); (exit code, stage's own code)."""
+def _run_streaming(command: list[str], cwd: Path, env: Mapping[str, str]) -> int:
+    """Run `dvc repro`, copying output line by line (Airflow's log shows it live); the stage run's exit code.
+
+    The stage command's own code when DVC reports one (killed by signal N: 128+N, as a shell says);
+    75 (EXIT_TRANSIENT) when another process holds DVC's lock; 1 for any other DVC failure.
+    """
     stage_code: int | None = None
+    lock_busy = False
     with subprocess.Popen(command, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as process:
         assert process.stdout is not None
@@ -186,7 +144,14 @@ def _run_streaming(command: list[str], cwd: Path, env: Mapping[str, str]) -> tup
             sys.stdout.flush()
             if "failed to reproduce" in line and (match := _STAGE_EXIT.search(line)):
                 stage_code = int(match.group(1))
-        return process.wait(), stage_code
+            lock_busy = lock_busy or any(message in line for message in _DVC_LOCK_BUSY)
+        dvc_code = process.wait()
+    if dvc_code == 0:
+        return 0
+    if stage_code or dvc_code < 0:  # the stage command's own code, or DVC itself was killed
+        code = stage_code or dvc_code
+        return 128 - code if code < 0 else code
+    return EXIT_TRANSIENT if lock_busy else 1
 
 
 def run_stage(project_dir: Path, stage: str, overrides: Mapping[str, Any] | None = None, *, force: bool = False,
@@ -208,9 +173,8 @@ def run_stage(project_dir: Path, stage: str, overrides: Mapping[str, Any] | None
                     command.append("--force")
                 print(f"$ dvc repro --single-item {target}{' --force' if force else ''}  (in {project_dir}"
                       + (f"; overrides {overrides}" if overrides else "") + ")", flush=True)
-                exit_code, stage_code = _run_streaming(command, project_dir, _child_env(environ or os.environ))
-                if exit_code != 0:
-                    code = stage_code if stage_code not in (None, 0) else 1
+                code = _run_streaming(command, project_dir, _child_env(environ or os.environ))
+                if code != 0:
                     break
     return StageRun(targets=targets, exit_code=code, seconds=time.perf_counter() - start)
 
