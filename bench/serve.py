@@ -104,6 +104,7 @@ def bench_batch(users: int) -> dict[str, float]:
     from uservalue.config import SyntheticSource, load_params
     from uservalue.features.sql import build_features
     from uservalue.lifecycle.monitor import default_as_of
+    from uservalue.lifecycle.context import StageContext
     from uservalue.lifecycle.registry import load_registered
     from uservalue.serving.scorer import score_features
     from uservalue.data.sources.synthetic import generate
@@ -113,7 +114,7 @@ def bench_batch(users: int) -> dict[str, float]:
         events = OUT / "serve" / f"events_u{users}.parquet"
     if not events.is_file():
         generate(SyntheticSource(users=users, events_per_user=100, seed=0), events, events.parent / f"truth_u{users}")
-    model, info = load_registered(load_params(ROOT / "params.yaml"), ROOT)
+    model, info = load_registered(StageContext(ROOT, load_params(ROOT / "params.yaml")))
     as_of = default_as_of(events)
     started = time.perf_counter()
     features = build_features(events, as_of, model.spec).to_pandas()
