@@ -1,15 +1,17 @@
 """Serving benchmark: batch scoring of 10^5 users, and the live service with 1 and 8 concurrent clients.
 
-Run from the project root after `make run` (it serves the Bento the package stage built):
+Run from the project root after `make run` (it serves the Bento the package stage built, and the
+online store the materialize stage wrote):
 
     python bench/serve.py [--seconds 30] [--clients 1 8] [--users 100000]
 
 Three servers are measured one after another, in one run, with the same client: a bare uvicorn
 ASGI app (the floor), a trivial BentoML service with the same input type (BentoML's own cost) and
-the real service answering single-user requests. The client runs on the same cores, so the
-figures are comparable with each other, not with a dedicated load generator. Targets (issue 4):
-p50 <= 10 ms, p99 <= 50 ms single-user; 10^5 users in batch <= 20 s. Figures are printed and
-written to bench/out/serve.json, never asserted.
+the real service on three paths: one user by id (from the online store), one user by events (3
+events sent), and 1,000 users by id in one request (1 client). The client runs on the same cores,
+so the figures are comparable with each other, not with a dedicated load generator. Targets
+(issue 15): by id p50 <= 2.5x and req/s >= 0.5x the trivial service's; by events p50 <= 4x and
+req/s >= 0.35x; 1,000 ids p50 <= 100 ms. Printed and written to bench/out/serve.json, never asserted.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ REQUEST = {
     ],
     "as_of": "1997-10-01T00:00:00Z",
 }
+AS_OF = "1998-07-01T00:00:00Z"  # after the last CDNOW event: every stored user has history
+BY_ID = {"user_ids": ["1"], "as_of": AS_OF}
+BY_ID_1000 = {"user_ids": [str(u) for u in range(1, 1001)], "as_of": AS_OF}
 
 
 def _free_port() -> int:
@@ -72,10 +77,10 @@ def _stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-async def _load(url: str, clients: int, seconds: float) -> dict[str, float]:
+async def _load(url: str, clients: int, seconds: float, request: dict = REQUEST) -> dict[str, float]:
     import aiohttp
 
-    body = json.dumps(REQUEST).encode()
+    body = json.dumps(request).encode()
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
@@ -157,25 +162,32 @@ def main() -> None:
         "uservalue_service": lambda port: _start([str(BIN / "uservalue"), "serve", "--port", str(port)], ROOT, port,
                                                  {"USERVALUE_PREDICTION_LOG_DIR": str(OUT / "serve" / "prediction_log")}),
     }
+    # The real service's paths: (request body, client counts).
+    paths = {"by_id": (BY_ID, args.clients), "by_events": (REQUEST, args.clients), "by_id_1000": (BY_ID_1000, [1])}
     for name, start in servers.items():
         if name not in args.servers:
             continue
         port = _free_port()
         process = start(port)
+        url = f"http://127.0.0.1:{port}/predict"
         try:
-            results[name] = {f"{clients}_clients": asyncio.run(_load(f"http://127.0.0.1:{port}/predict", clients,
-                                                                     args.seconds))
-                             for clients in args.clients}
+            if name == "uservalue_service":
+                results[name] = {path: {f"{c}_clients": asyncio.run(_load(url, c, args.seconds, body)) for c in counts}
+                                 for path, (body, counts) in paths.items()}
+            else:
+                results[name] = {f"{c}_clients": asyncio.run(_load(url, c, args.seconds)) for c in args.clients}
         finally:
             _stop(process)
         print(f"{name}: {results[name]}", flush=True)
-    loaded = f"{max(args.clients)}_clients"
     if "uservalue_service" in results and "trivial_bentoml" in results:
-        service, trivial = results["uservalue_service"][loaded], results["trivial_bentoml"][loaded]
-        results["service_vs_trivial_bentoml"] = {"clients": max(args.clients),
-                                                "p50_ratio": service["p50_ms"] / trivial["p50_ms"],
-                                                "rps_ratio": service["rps"] / trivial["rps"]}
-        print(json.dumps(results["service_vs_trivial_bentoml"]))
+        trivial = results["trivial_bentoml"]
+        results["service_vs_trivial_bentoml"] = {
+            path: {clients: {"p50_ratio": row["p50_ms"] / trivial[clients]["p50_ms"],
+                             "p99_ratio": row["p99_ms"] / trivial[clients]["p99_ms"],
+                             "rps_ratio": row["rps"] / trivial[clients]["rps"]}
+                   for clients, row in rows.items()}
+            for path, rows in results["uservalue_service"].items() if path != "by_id_1000"}
+        print(json.dumps(results["service_vs_trivial_bentoml"], indent=1))
     (OUT / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -116,6 +116,9 @@ class SyntheticSource(_Section):
 class DataParams(_Section):
     source: Literal["cdnow", "taobao", "synthetic", "file"] = "cdnow"
     path: str | None = Field(None, description="the file read by the taobao and file sources")
+    event_log: str | None = Field(
+        None, description="events logged by the service's /events (date=*/part-*.parquet); when set and present, "
+                          "ingest appends them to the source's events (once per user and event_id)")
     behaviors: tuple[str, ...] = DEFAULT_BEHAVIORS
     taobao: TaobaoSource = TaobaoSource()
     file: FileSource = FileSource()
@@ -279,6 +282,29 @@ class PackageParams(_Section):
     )
 
 
+class StoreParams(_Section):
+    """The online store of per-user events the service scores users by id from (USERVALUE_STORE_URL wins)."""
+
+    url: str = Field("sqlite:///data/online/store.sqlite",
+                     description="sqlite:///<path> (relative: the project's) | redis://[:password@]host:port/db")
+    namespace: str = Field("uservalue", pattern=r"^[A-Za-z0-9_.-]+$", description="Redis key prefix")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if url.partition("://")[0].lower() not in ("sqlite", "redis", "rediss", "unix") or "://" not in url:
+            raise ValueError("expected sqlite:///<path> or redis://host:port/db")
+        return url
+
+
+class MaterializeParams(_Section):
+    """The materialize stage: every user's events into the online store, streamed in batches of whole users."""
+
+    memory_limit: str = Field("2GB", description="DuckDB memory limit (its sort spills beyond)")
+    threads: int = Field(0, ge=0, description="DuckDB threads; 0 = all cores")
+    batch_events: int = Field(500_000, ge=1_000, description="events encoded and written at once (whole users)")
+
+
 class ServeParams(_Section):
     """The service's limits and its prediction log; each can be overridden by a USERVALUE_* env var
     (the API key is only ever an env var: USERVALUE_API_KEY)."""
@@ -286,12 +312,14 @@ class ServeParams(_Section):
     max_users: int = Field(1000, ge=1, description="users per /predict request; more is refused with 413")
     max_events: int = Field(100_000, ge=1, description="events per /predict request; more is refused with 413")
     log_dir: str = Field("data/prediction_log", description="prediction log (Parquet, one folder per day)")
+    event_log_dir: str = Field("data/event_log", description="events accepted by /events (Parquet, one folder per day)")
     log_flush_records: int = Field(1000, ge=1, description="records buffered before a log file is written")
     log_flush_seconds: float = Field(5.0, gt=0, description="longest a record waits in the buffer")
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000,
         description="under load, how long a batch may wait for as many requests as the previous one held "
                     "(0: never wait; a lone request never waits)")
+    store: StoreParams = StoreParams()
 
 
 class MonitorParams(_Section):
@@ -324,6 +352,7 @@ class Params(_Section):
     tracking: TrackingParams = TrackingParams()
     package: PackageParams = PackageParams()
     serve: ServeParams = ServeParams()
+    materialize: MaterializeParams = MaterializeParams()
     monitor: MonitorParams = MonitorParams()
 
 

@@ -203,6 +203,8 @@ BAD_REQUESTS = {
                                  "as_of": EVAL_CUTOFF}, 422, ["events", 0, "ts"]),
     "too many users": ({"events": [{"user_id": f"u{i}", "ts": "1997-03-01", "behavior": "view"}
                                    for i in range(MAX_USERS + 1)]}, 413, ["events"]),
+    "too many ids": ({"user_ids": [f"u{i}" for i in range(MAX_USERS + 1)]}, 413, ["user_ids"]),
+    "empty id": ({"user_ids": [""]}, 400, ["user_ids", 0]),
 }
 
 
@@ -224,6 +226,45 @@ def test_malformed_json_is_a_400_and_the_service_keeps_serving(server: Server, p
     assert _predict(server, {"events": _events_of(project, [user]), "as_of": EVAL_CUTOFF}).status_code == 200
 
 
+def test_by_id_equals_the_batch_score_command(server: Server, project: Path, tmp_path: Path) -> None:
+    """Users asked by id are scored from the online store the materialize stage wrote: the same numbers
+    as `uservalue score` (DuckDB's batch SQL) for the same users at the same as_of; an unknown id is
+    named under `errors` and the rest of the request is answered."""
+    users = _eval_users(project, 25, offset=3)
+    as_of = "1998-04-01T00:00:00+00:00"
+    response = _predict(server, {"user_ids": [*users, "no-such-user"], "as_of": as_of})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["errors"] == [{"user_id": "no-such-user", "loc": ["user_ids", len(users)],
+                               "msg": "unknown user: no events stored for this id and none sent"}]
+    served = pd.DataFrame(body["predictions"]).set_index("user_id").sort_index()
+    assert list(served.index) == sorted(users)
+    run_in(project, "uservalue", "score", "--as-of", as_of, "--out", str(tmp_path / "batch.parquet"))
+    batch = pd.read_parquet(tmp_path / "batch.parquet").set_index("user_id").loc[sorted(users)]
+    for column in ("p_buy", "expected_value"):
+        pd.testing.assert_series_equal(served[column], batch[column].astype(float), rtol=1e-6, check_names=False)
+    events = pd.read_parquet(project / "data/validated.parquet")
+    latest = events[events["user_id"].isin(users) & (events["ts"] < pd.Timestamp(as_of))].groupby("user_id")["ts"].max()
+    assert (pd.to_datetime(served["features_as_of"]) - latest.sort_index()).abs().max() < pd.Timedelta(seconds=1)
+
+
+def test_events_update_the_store_once_per_event_id(server: Server, project: Path) -> None:
+    new = [{"event_id": "e1", "user_id": "new-user", "ts": "1998-03-01T10:00:00Z", "behavior": "view", "item_id": 7},
+           {"event_id": "e2", "user_id": "new-user", "ts": "1998-03-02T10:00:00Z", "behavior": "buy", "amount": 9.5}]
+    first = server.post("/events", {"events": new})
+    assert first.status_code == 200 and first.json() == {"accepted": 2, "new": 2, "duplicates": 0}, first.text
+    again = server.post("/events", {"events": new[1:]})  # a retry of the purchase: counted once
+    assert again.json() == {"accepted": 1, "new": 0, "duplicates": 1}
+    bad = server.post("/events", {"events": [{**new[0], "behavior": "teleport"}]})
+    assert bad.status_code == 400 and bad.json()["detail"][0]["loc"] == ["events", 0, "behavior"]
+    response = _predict(server, {"user_ids": ["new-user"], "as_of": "1998-04-01T00:00:00Z"})
+    assert response.status_code == 200, response.text
+    [row] = response.json()["predictions"]
+    assert row["user_id"] == "new-user" and row["features_as_of"].startswith("1998-03-02T10:00:00")
+    logged = pd.read_parquet(project / "data/validated.parquet")
+    assert "new-user" not in set(logged["user_id"])  # the store changed, the pipeline's data did not
+
+
 def test_prediction_log_holds_what_was_served_after_shutdown(server: Server, project: Path) -> None:
     # Enough rows for the monitor's log window (monitor.min_rows = 100).
     for offset in range(1, 3):
@@ -239,6 +280,9 @@ def test_prediction_log_holds_what_was_served_after_shutdown(server: Server, pro
     assert len(merged) >= len(served)
     assert (logged["model_version"] == served["model_version"].iloc[0]).all()
     assert {"request_time", "as_of", "expected_value", "recency_days", "n_events"} <= set(logged.columns)
+    # The events /events accepted are in the event log the next ingest reads (params data.event_log).
+    event_log = pd.concat([pd.read_parquet(f) for f in (project / "data/event_log").glob("date=*/part-*.parquet")])
+    assert sorted(event_log["event_id"]) == ["e1", "e2", "e2"] and set(event_log["user_id"]) == {"new-user"}
 
 
 def test_monitor_on_the_prediction_log(server: Server, project: Path) -> None:

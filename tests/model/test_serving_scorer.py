@@ -54,8 +54,11 @@ def test_served_prediction_equals_the_pipeline_batch(served_model, synthetic_fea
     batch = score_events(served_model, events_path, cutoff).set_index("user_id").loc[sorted(users)].reset_index()
     np.testing.assert_allclose(served[columns].to_numpy(), batch[columns].to_numpy(), rtol=1e-6, atol=1e-9)
 
-    rows = scorer.response_rows(served)
+    rows = scorer.response_rows(served, [as_of] * len(served))
     assert rows[0]["model_version"] == "7" and rows[0]["horizon_days"] == synthetic_features.horizon_days
+    # features_as_of: the time of the user's latest event before as_of.
+    first = events[(events["user_id"] == rows[0]["user_id"]) & (events["ts"] < pd.Timestamp(cutoff))]["ts"].max()
+    assert abs(dt.datetime.fromisoformat(rows[0]["features_as_of"]) - first.to_pydatetime()) < dt.timedelta(seconds=1)
     assert set(rows[0]["influence"]) == set(served_model.spec.behaviors)
     assert abs(sum(rows[0]["influence"].values()) - 1) < 1e-6 or sum(rows[0]["influence"].values()) == 0
     request = scorer.prepare(_request_events(events, users), cutoff)
@@ -121,3 +124,48 @@ def test_concurrent_requests_are_batched_and_each_gets_what_it_gets_alone(served
     # Every answered user once per request, under its request's id; nothing of the failed one.
     assert len(logged) == sum(len(a["predictions"]) for a in answers) + 1
     assert logged["request_id"].nunique() == len(answers) + 1 and "late" not in set(logged["user_id"])
+
+
+@pytest.fixture(scope="module")
+def stored(small_synthetic, tmp_path_factory):
+    """A real SQLite online store materialized from the synthetic log."""
+    from uservalue.features.online import event_columns
+    from uservalue.serving.store import open_store
+
+    events_path, _ = small_synthetic
+    store = open_store(f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.sqlite'}")
+    store.replace_all([event_columns(pd.read_parquet(events_path))])
+    yield store
+    store.close()
+
+
+def test_scoring_by_id_equals_the_batch_score(served_model, synthetic_features, small_synthetic, stored) -> None:
+    events_path, _ = small_synthetic
+    cutoff = dt.datetime.fromisoformat(synthetic_features.meta["splits"]["eval"][0]["cutoff"])
+    users = synthetic_features.eval["user_id"].iloc[::131].head(9).tolist()
+    scorer = Scorer(served_model, ModelInfo(name="user-value", version="3"), max_events=1000, max_users=50,
+                    store=stored)
+    batch = scorer.score_batch([scorer.prepare([], cutoff, user_ids=[*users, "nobody"])])
+    [answer] = scorer.answers(batch)
+    assert [p["user_id"] for p in answer["predictions"]] == sorted(users)
+    assert answer["errors"] == [{"user_id": "nobody", "loc": ["user_ids", len(users)],
+                                 "msg": "unknown user: no events stored for this id and none sent"}]
+    expected = score_events(served_model, events_path, cutoff).set_index("user_id").loc[sorted(users)]
+    got = pd.DataFrame(answer["predictions"]).set_index("user_id")
+    np.testing.assert_allclose(got[["p_buy", "expected_value"]].to_numpy(),
+                               expected[["p_buy", "expected_value"]].to_numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_events_sent_with_an_id_count_for_that_request_only(served_model, synthetic_features, stored) -> None:
+    cutoff = dt.datetime.fromisoformat(synthetic_features.meta["splits"]["eval"][0]["cutoff"])
+    user = synthetic_features.eval["user_id"].iloc[0]
+    scorer = Scorer(served_model, ModelInfo(name="user-value", version="3"), max_events=1000, max_users=50,
+                    store=stored)
+    extra = [Event(user_id=user, ts=cutoff - dt.timedelta(hours=1), behavior="buy", amount=500.0)]
+    plain, with_extra, again = (scorer.score_batch([r])
+                                for r in (scorer.prepare([], cutoff, user_ids=[user]),
+                                          scorer.prepare(extra, cutoff, user_ids=[user]),
+                                          scorer.prepare([], cutoff, user_ids=[user])))
+    assert with_extra.scored["monetary_sum"].iloc[0] == plain.scored["monetary_sum"].iloc[0] + 500.0
+    assert with_extra.scored["recency_days"].iloc[0] == pytest.approx(1 / 24)
+    pd.testing.assert_frame_equal(again.scored, plain.scored)  # the store was not changed

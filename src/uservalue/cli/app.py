@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from uservalue.cli import data, lifecycle, ops
+from uservalue.cli import data, lifecycle, online, ops
 
 app = typer.Typer(
     name="uservalue",
@@ -14,7 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for command in (data.ingest, data.validate, data.featurize, data.generate,
+for command in (data.ingest, data.validate, online.materialize, data.featurize, data.generate,
                 lifecycle.train, lifecycle.evaluate, lifecycle.register, lifecycle.package, lifecycle.score,
                 lifecycle.monitor, ops.serve, ops.stage, ops.plan, ops.airflow):
     app.command()(command)

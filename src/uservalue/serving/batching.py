@@ -43,9 +43,10 @@ class BatchingPredictor:
         self.batches = 0
         self.largest_batch = 0
 
-    async def predict(self, events: Sequence[Event], as_of: dt.datetime | None) -> dict[str, Any]:
+    async def predict(self, events: Sequence[Event], as_of: dt.datetime | None,
+                      user_ids: Sequence[str] = ()) -> dict[str, Any]:
         """The response body for one /predict call; raises RequestError for a client mistake."""
-        request = self.scorer.prepare(events, as_of)
+        request = self.scorer.prepare(events, as_of, user_ids)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
         self._queue.append((request, answer))

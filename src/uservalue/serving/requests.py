@@ -1,4 +1,5 @@
-"""What a /predict call sends: events, their validation and the canonical events table."""
+"""What /predict and /events calls send (user ids, events), their validation, and the canonical events
+table of the events sent."""
 
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ class Event(BaseModel):
         return as_utc(value)
 
 
+class LoggedEvent(Event):
+    """An event sent to /events: stored for the user and appended to the event log."""
+
+    event_id: Identifier | None = Field(None, description="the client's id: an event re-sent with it counts once")
+
+
 class RequestError(UservalueError):
     """A client mistake: an HTTP 4xx whose body names the field (`loc`) and the problem."""
 
@@ -66,10 +73,12 @@ class RequestError(UservalueError):
         return {"error": str(self), "detail": [{"loc": self.loc, "msg": self.problem}]}
 
 
-def validate_events(events: Sequence[Event], behaviors: Sequence[str], max_events: int, max_users: int) -> set[str]:
-    """The request's users, or a RequestError naming what the model cannot score."""
-    if not events:
-        raise RequestError(["events"], "must hold at least one event")
+def validate_events(events: Sequence[Event], behaviors: Sequence[str], max_events: int, max_users: int,
+                    user_ids: Sequence[str] = ()) -> set[str]:
+    """The request's users (asked by id or sent events), or a RequestError naming what the model
+    cannot score."""
+    if not events and not user_ids:
+        raise RequestError(["events"], "must hold at least one event (or send user_ids)")
     if len(events) > max_events:
         raise RequestError(["events"], f"{len(events)} events; at most {max_events} per request", status=413)
     known = set(behaviors)
@@ -77,9 +86,10 @@ def validate_events(events: Sequence[Event], behaviors: Sequence[str], max_event
         if event.behavior not in known:
             raise RequestError(["events", index, "behavior"],
                                f"unknown behaviour {event.behavior!r}; expected one of {list(behaviors)}")
-    users = {event.user_id for event in events}
+    users = {event.user_id for event in events} | set(user_ids)
     if len(users) > max_users:
-        raise RequestError(["events"], f"{len(users)} users; at most {max_users} per request", status=413)
+        raise RequestError(["user_ids" if user_ids else "events"], f"{len(users)} users; at most {max_users} per request",
+                           status=413)
     return users
 
 

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from uservalue.config import ServeParams, load_params
 from uservalue.errors import ConfigError
+from uservalue.serving.store import OnlineStore, open_store, store_url
 
 ENV_PREFIX = "USERVALUE_"
 
@@ -57,10 +58,16 @@ class ServeSettings(BaseSettings, ServeParams):
 
 
 def serve_settings() -> ServeSettings:
-    """The service's settings, with a relative log_dir resolved against the project."""
+    """The service's settings, with relative log folders resolved against the project."""
     try:
         settings = ServeSettings()
     except ValidationError as error:
         variables = sorted({f"{ENV_PREFIX}{str(e['loc'][0]).upper()}" for e in error.errors()})
         raise ConfigError(f"serve settings ({params_file()} section serve, env {', '.join(variables)}): {error}") from None
-    return settings.model_copy(update={"log_dir": project_dir() / settings.log_dir})
+    return settings.model_copy(update={"log_dir": project_dir() / settings.log_dir,
+                                       "event_log_dir": str(project_dir() / settings.event_log_dir)})
+
+
+def open_configured_store(settings: ServeSettings) -> OnlineStore:
+    """The online store: USERVALUE_STORE_URL, else serve.store.url (a relative SQLite path is the project's)."""
+    return open_store(store_url(settings.store.url), root=project_dir(), namespace=settings.store.namespace)

@@ -1,0 +1,370 @@
+"""The feature definition of `uservalue.features.sql`, computed in numpy: no SQL planned per request.
+
+`online_features(events, as_of, spec)` returns exactly `build_features(events, as_of, spec)` (same
+rows, columns, Arrow types; floats equal up to summation order, everything else bit for bit) from
+events kept as numpy columns (`EventColumns`), vectorised over any number of users: one sort in the
+SQL's window order, then segment operations. The only things taken from DuckDB are computed once,
+ahead of time: the epoch seconds and `hash()` of item and category per event (`event_columns`) and
+the session time zone DuckDB stamps on the `cutoff` column. tests/data/test_online_features.py
+holds the two engines equal.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from uservalue import duck
+from uservalue.features.sql import SECONDS_PER_DAY, SEQUENCE_COLUMNS, FeatureSpec, _epoch
+from uservalue.schema import PURCHASE
+
+DAY = SECONDS_PER_DAY
+
+
+@dataclass(frozen=True)
+class EventColumns:
+    """Events of one or many users, columnar (numpy), any order; what the online store keeps per user."""
+
+    user_id: np.ndarray  # object (str), per event
+    t: np.ndarray  # float64: epoch seconds, exactly DuckDB's epoch(ts) of the canonical `ts`
+    behavior: np.ndarray  # object (str)
+    item_id: np.ndarray  # object (str or None)
+    category_id: np.ndarray  # object (str or None)
+    amount: np.ndarray  # float64
+    item_hash: np.ndarray  # uint64: DuckDB's hash(item_id); 0 where item_id is null
+    category_hash: np.ndarray  # uint64: DuckDB's hash(category_id); 0 where category_id is null
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def take(self, index: np.ndarray) -> EventColumns:
+        """The events at `index` (positions or a boolean mask)."""
+        return EventColumns(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+_EVENT_COLUMNS_SQL = """
+    SELECT
+        user_id, epoch(ts)::DOUBLE AS t, behavior, item_id, category_id, amount::DOUBLE AS amount,
+        CASE WHEN item_id IS NULL THEN 0 ELSE hash(item_id) END AS item_hash,
+        CASE WHEN category_id IS NULL THEN 0 ELSE hash(category_id) END AS category_hash
+    FROM {source}
+"""
+
+
+def event_columns(table: pa.Table | pd.DataFrame, con: duckdb.DuckDBPyConnection | None = None) -> EventColumns:
+    """From the canonical events table (uservalue.schema.EVENTS_SCHEMA): `t` and the two hashes are
+    DuckDB's own `epoch(ts)` and `hash()`, in one query, so buckets match the SQL's bit for bit."""
+    own = con is None
+    con = con or duck.connect()
+    name = "online_event_columns_input"
+    try:
+        con.register(name, table)
+        result = con.sql(_EVENT_COLUMNS_SQL.format(source=name)).to_arrow_table()
+    finally:
+        con.unregister(name)
+        if own:
+            con.close()
+
+    def column(c: str, dtype: type | None = None) -> np.ndarray:
+        values = result.column(c).to_numpy(zero_copy_only=False)
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    return EventColumns(
+        user_id=column("user_id", object),
+        t=column("t", np.float64),
+        behavior=column("behavior", object),
+        item_id=column("item_id", object),
+        category_id=column("category_id", object),
+        amount=column("amount", np.float64),
+        item_hash=column("item_hash", np.uint64),
+        category_hash=column("category_hash", np.uint64),
+    )
+
+
+def concat(parts: Sequence[EventColumns]) -> EventColumns:
+    """One EventColumns holding every part's events."""
+    if not parts:
+        return EventColumns(*(np.empty(0, dtype=d) for d in _DTYPES))
+    return EventColumns(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(EventColumns)))
+
+
+_DTYPES = (object, np.float64, object, object, object, np.float64, np.uint64, np.uint64)
+
+
+@functools.cache
+def duckdb_timezone() -> str:
+    """The TimeZone a default DuckDB session stamps on TIMESTAMPTZ results (read once per process)."""
+    con = duck.connect()
+    try:
+        return str(con.execute("SELECT current_setting('TimeZone')").fetchone()[0])
+    finally:
+        con.close()
+
+
+def _list_type(value: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("l", value))  # DuckDB names a list's child "l"
+
+
+@functools.lru_cache(maxsize=64)
+def output_schema(spec: FeatureSpec) -> pa.Schema:
+    """The Arrow schema build_features returns for `spec` (without labels): count(*)::INTEGER is
+    int32, a bare count(*) FILTER (...) int64, the rest double; sequences as DuckDB lists."""
+    i32, i64, f64 = pa.int32(), pa.int64(), pa.float64()
+    types = {"n_events": i32, "active_days": i32, "n_categories": i32, "n_items": i32,
+             "purchase_days": i32, "btyd_frequency": i32}
+    types.update((f"{b}_count", i64) for b in spec.behaviors)
+    types.update((f"{b}_count_{w}d", i64) for b in spec.behaviors for w in spec.windows_days)
+    element = (pa.uint8(), i32, i32, pa.float32(), pa.float32(), pa.float32())
+    return pa.schema([
+        pa.field("user_id", pa.string()),
+        pa.field("cutoff", pa.timestamp("us", tz=duckdb_timezone())),
+        *(pa.field(c, types.get(c, f64)) for c in spec.aggregate_columns()),
+        *(pa.field(c, _list_type(e)) for c, e in zip(SEQUENCE_COLUMNS, element, strict=True)),
+    ])
+
+
+@functools.lru_cache(maxsize=64)
+def _aggregate_blocks(spec: FeatureSpec) -> tuple[tuple[type, tuple[str, ...]], ...]:
+    """The aggregate columns grouped by their numpy type."""
+    schema = output_schema(spec)
+    groups: dict[type, list[str]] = {}
+    for c in spec.aggregate_columns():
+        groups.setdefault(schema.field(c).type.to_pandas_dtype(), []).append(c)
+    return tuple((dtype, tuple(names)) for dtype, names in groups.items())
+
+
+def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes in order of first appearance, -1 for null; the distinct values), like pd.factorize,
+    whose fixed cost dominates on the few events of one user."""
+    if len(values) > 1_000:
+        codes, uniques = pd.factorize(values, sort=False)
+        return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=object)
+    index: dict = {}
+    codes = np.fromiter((-1 if v is None or v != v else index.setdefault(v, len(index)) for v in values),
+                        np.int64, len(values))
+    return codes, np.array(list(index), dtype=object)
+
+
+def _ranks(codes: np.ndarray, uniques: np.ndarray) -> np.ndarray:
+    """The rank of each coded value among the distinct values that occur in `codes`, nulls (-1)
+    after all (ORDER BY ... NULLS LAST). Python's str order is UTF-8 byte order, as DuckDB's."""
+    present = np.unique(codes[codes >= 0])
+    rank = np.empty(len(present) + 1, dtype=np.int64)
+    rank[np.argsort(uniques[present], kind="stable")] = np.arange(len(present))
+    rank[-1] = len(present)
+    return rank[np.where(codes >= 0, np.searchsorted(present, codes), -1)]
+
+
+@dataclass(frozen=True)
+class _Coded:
+    """The events before T as numbers: string columns factorized once, in input order."""
+
+    t: np.ndarray
+    amount: np.ndarray
+    user: np.ndarray  # rank of user_id: output row order
+    behavior: np.ndarray  # codes into behaviors
+    behaviors: np.ndarray
+    item: np.ndarray  # codes into items, -1 null
+    items: np.ndarray
+    category: np.ndarray
+    categories: np.ndarray
+
+
+def _window_order(ev: _Coded) -> np.ndarray:
+    """Positions in the SQL's window order: user, t, behavior, item_id, category_id, amount, nulls
+    last. Sorts by (user, t), then re-sorts only the runs where (user, t) repeats, on string ranks
+    taken over those events alone."""
+    n = len(ev.t)
+    t_rank = np.empty(n, dtype=np.int64)
+    t_rank[np.argsort(ev.t)] = np.arange(n)  # equal times get neighbouring ranks, any order
+    order = np.argsort(ev.user * n + t_rank)  # one integer sort: much faster than lexsort
+    u, t = ev.user[order], ev.t[order]
+    tied = (u[1:] == u[:-1]) & (t[1:] == t[:-1])
+    if not tied.any():
+        return order
+    involved = np.zeros(len(order), dtype=bool)
+    involved[:-1] |= tied
+    involved[1:] |= tied
+    slots = np.flatnonzero(involved)  # whole runs of equal (user, t), each contiguous
+    rows = order[slots]
+    keys = (ev.amount[rows], _ranks(ev.category[rows], ev.categories), _ranks(ev.item[rows], ev.items),
+            _ranks(ev.behavior[rows], ev.behaviors), ev.t[rows], ev.user[rows])
+    order[slots] = rows[np.lexsort(keys)]
+    return order
+
+
+# A float64 whose low 29 mantissa bits lie this close to 2**28 sits next to a float32 rounding
+# boundary: there a last-bit difference between numpy's log and the C library's could change the
+# FLOAT DuckDB stores, so those few are taken with math.log (the libm log DuckDB's ln calls).
+_F32_DROPPED_BITS = np.uint64((1 << 29) - 1)
+_F32_HALF = np.uint64(1 << 28)
+_NEAR = np.uint64(8)
+
+
+def _log_f32(x: np.ndarray) -> np.ndarray:
+    """ln(x)::FLOAT as DuckDB computes it: the double log, rounded to float32."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # DuckDB's ln: -inf at 0, NaN below, no error
+        y = np.log(x)
+    low = y.view(np.uint64) & _F32_DROPPED_BITS
+    near = np.flatnonzero(((low - (_F32_HALF - _NEAR)) <= 2 * _NEAR) & (y > -np.inf) & (y < np.inf))
+    if len(near):
+        y[near] = [math.log(v) for v in x[near]]
+    return y.astype(np.float32)
+
+
+def _segment_first(user: np.ndarray, values: np.ndarray, n_users: int, last: bool) -> np.ndarray:
+    """Per user, the first (or last) of `values` (grouped by `user`, in window order); NaN for none."""
+    out = np.full(n_users, np.nan)
+    if len(values):
+        boundary = user[1:] != user[:-1]
+        at = np.flatnonzero(np.r_[boundary, True]) if last else np.flatnonzero(np.r_[True, boundary])
+        out[user[at]] = values[at]
+    return out
+
+
+def _changes(user: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """True where (user, key) differs from the previous element (the first counts)."""
+    new = np.ones(len(key), dtype=bool)
+    new[1:] = (key[1:] != key[:-1]) | (user[1:] != user[:-1])
+    return new
+
+
+def _distinct_per_user(user: np.ndarray, codes: np.ndarray, n_users: int) -> np.ndarray:
+    """count(DISTINCT value) per user of factorized values, nulls (-1) not counted."""
+    present = codes >= 0
+    base = int(codes.max()) + 1 if present.any() else 1
+    pairs = np.sort(user[present] * base + codes[present])
+    return np.bincount(pairs[_changes(pairs, pairs)] // base, minlength=n_users).astype(np.int32)
+
+
+def _code(events: EventColumns, T: float) -> tuple[_Coded, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The events before T, factorized; with their item and category hashes and the sorted user ids."""
+    before = events.t < T
+    if not before.any():
+        return None
+    everything = bool(before.all())
+
+    def pick(a: np.ndarray) -> np.ndarray:
+        return a if everything else a[before]
+
+    user_codes, user_ids = _factorize(pick(events.user_id))
+    by_id = np.argsort(user_ids, kind="stable")
+    user_rank = np.empty(len(user_ids), dtype=np.int64)
+    user_rank[by_id] = np.arange(len(user_ids))
+    behavior, behaviors = _factorize(pick(events.behavior))
+    item, items = _factorize(pick(events.item_id))
+    category, categories = _factorize(pick(events.category_id))
+    coded = _Coded(pick(events.t), pick(events.amount), user_rank[user_codes], behavior, behaviors,
+                   item, items, category, categories)
+    return coded, pick(events.item_hash), pick(events.category_hash), user_ids[by_id]
+
+
+def _bucket(hashes: np.ndarray, null: np.ndarray, buckets: int) -> np.ndarray:
+    """CASE WHEN x IS NULL THEN 0 ELSE hash(x) % buckets + 1 END, as INTEGER."""
+    return np.where(null, 0, hashes % np.uint64(buckets) + np.uint64(1)).astype(np.int32)
+
+
+def online_features(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = FeatureSpec()) -> pa.Table:
+    """Exactly build_features(<events as a table>, as_of, spec): one row per user with an event
+    before `as_of`, sorted by user_id, the same columns and Arrow types."""
+    T = _epoch(as_of)
+    schema = output_schema(spec)
+    coded = _code(events, T)
+    if coded is None:
+        return schema.empty_table()
+    ev, item_hash, category_hash, users = coded
+    order = _window_order(ev)
+    u, t, amount = ev.user[order], ev.t[order], ev.amount[order]
+    n, U = len(t), len(users)
+    starts = np.flatnonzero(_changes(u, u))
+    n_events = np.diff(np.r_[starts, n])
+    t_min, t_max = t[starts], t[np.r_[starts[1:], n] - 1]  # sorted by t within a user
+    tenure = (T - t_min) / DAY
+    day = np.floor(t / DAY)
+
+    cols: dict[str, np.ndarray] = {
+        "n_events": n_events.astype(np.int32),
+        "recency_days": (T - t_max) / DAY,
+        "tenure_days": tenure,
+        "active_days": np.bincount(u[_changes(u, day)], minlength=U).astype(np.int32),
+        "mean_gap_days": np.where(n_events > 1, (t_max - t_min) / DAY / np.maximum(n_events - 1, 1), tenure),
+        "n_categories": _distinct_per_user(ev.user, ev.category, U),
+        "n_items": _distinct_per_user(ev.user, ev.item, U),
+    }
+
+    # Behaviour ids (1..len(spec.behaviors), 0 for any other), looked up once per distinct string.
+    ids = {b: i for i, b in enumerate(spec.behaviors, start=1)}
+    behavior_id = np.array([ids.get(b, 0) for b in ev.behaviors], dtype=np.int64)[ev.behavior[order]]
+    is_buy = np.array([b == PURCHASE for b in ev.behaviors], dtype=bool)[ev.behavior[order]]
+    K = len(spec.behaviors) + 1
+    key = u * K + behavior_id
+    in_window = {w: t >= T - w * DAY for w in spec.windows_days}
+    counts = np.bincount(key, minlength=U * K).reshape(U, K)
+    window_counts = {w: np.bincount(key[m], minlength=U * K).reshape(U, K) for w, m in in_window.items()}
+    last_t = np.full(U * K, -np.inf)
+    np.maximum.at(last_t, key, t)
+    last_t = last_t.reshape(U, K)
+    for i, b in enumerate(spec.behaviors, start=1):
+        cols[f"{b}_count"] = counts[:, i]
+        for w in spec.windows_days:
+            cols[f"{b}_count_{w}d"] = window_counts[w][:, i]
+        seen = last_t[:, i] > -np.inf
+        cols[f"{b}_recency_days"] = np.where(seen, (T - np.where(seen, last_t[:, i], T)) / DAY, tenure)
+
+    ub, buy_t, buy_amount = u[is_buy], t[is_buy], amount[is_buy]
+    n_buys = np.bincount(ub, minlength=U)
+    bought = n_buys > 0
+    spend = np.bincount(ub, weights=buy_amount, minlength=U)
+    top = np.full(U, -np.inf)
+    np.maximum.at(top, ub, buy_amount)
+    cols["monetary_sum"] = spend
+    cols["monetary_mean"] = np.where(bought, spend / np.maximum(n_buys, 1), 0.0)
+    cols["monetary_max"] = np.where(bought, top, 0.0)
+    for w, m in in_window.items():
+        mb = m[is_buy]
+        cols[f"monetary_sum_{w}d"] = np.bincount(ub[mb], weights=buy_amount[mb], minlength=U)
+    purchase_days = np.bincount(ub[_changes(ub, day[is_buy])], minlength=U).astype(np.int32)
+    first_buy = _segment_first(ub, buy_t, U, last=False)
+    last_buy = _segment_first(ub, buy_t, U, last=True)
+    cols["purchase_days"] = purchase_days
+    cols["btyd_frequency"] = np.maximum(purchase_days - 1, 0).astype(np.int32)
+    cols["btyd_recency_days"] = np.where(bought, (last_buy - first_buy) / DAY, 0.0)
+    cols["btyd_age_days"] = np.where(bought, (T - first_buy) / DAY, 0.0)
+
+    # Sequences: the last L events of each user in window order; gaps over the whole history.
+    L = spec.sequence_length
+    position = np.arange(n) - np.repeat(starts, n_events)
+    keep = position >= np.repeat(n_events, n_events) - L
+    offsets = np.zeros(U + 1, dtype=np.int64)
+    np.cumsum(np.minimum(n_events, L), out=offsets[1:])
+    gap = np.zeros(n)
+    gap[1:] = t[1:] - t[:-1]
+    gap[starts] = 0.0
+    kept = order[keep]
+    sequences = {
+        "seq_behavior": behavior_id[keep].astype(np.uint8),
+        "seq_category": _bucket(category_hash[kept], ev.category[kept] < 0, spec.category_buckets),
+        "seq_item": _bucket(item_hash[kept], ev.item[kept] < 0, spec.item_buckets),
+        "seq_log_age_days": _log_f32(1 + (T - t[keep]) / DAY),
+        "seq_log_gap_days": _log_f32(1 + gap[keep] / DAY),
+        "seq_log_amount": _log_f32(1 + amount[keep]),
+    }
+
+    # Arrow: one array per numeric type, sliced into columns (cheaper than an array per column).
+    arrays = {"user_id": pa.array(users, pa.string()),
+              "cutoff": pa.array(np.full(U, int(T * 1_000_000), dtype=np.int64), schema.field("cutoff").type)}
+    for dtype, names in _aggregate_blocks(spec):
+        block = pa.array(np.concatenate([np.asarray(cols[c], dtype=dtype) for c in names]))
+        arrays.update((c, block.slice(j * U, U)) for j, c in enumerate(names))
+    offsets_array = pa.array(offsets.astype(np.int32))
+    arrays.update((c, pa.ListArray.from_arrays(offsets_array, pa.array(sequences[c]), type=schema.field(c).type))
+                  for c in SEQUENCE_COLUMNS)
+    return pa.Table.from_arrays([arrays[c] for c in schema.names], schema=schema)
