@@ -42,8 +42,15 @@ REQUEST = {
     "as_of": "1997-10-01T00:00:00Z",
 }
 AS_OF = "1998-07-01T00:00:00Z"  # after the last CDNOW event: every stored user has history
-BY_ID = {"user_ids": ["1"], "as_of": AS_OF}
-BY_ID_1000 = {"user_ids": [str(u) for u in range(1, 1001)], "as_of": AS_OF}
+
+
+def stored_users(n: int) -> list[str]:
+    """The first n user ids of the validated events (the users the materialize stage stored)."""
+    import duckdb
+
+    path = ROOT / "data" / "validated.parquet"
+    return [row[0] for row in duckdb.sql(f"SELECT DISTINCT user_id FROM read_parquet('{path}') ORDER BY 1 LIMIT {n}")
+            .fetchall()]
 
 
 def _free_port() -> int:
@@ -90,8 +97,8 @@ async def _load(url: str, clients: int, seconds: float, request: dict = REQUEST)
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
             async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
-                await response.read()
-                if response.status != 200:
+                answer = await response.read()
+                if response.status != 200 or b'"errors"' in answer:  # a user not answered is an error too
                     errors += 1
             latencies.append(time.perf_counter() - started)
 
@@ -163,7 +170,9 @@ def main() -> None:
                                                  {"USERVALUE_PREDICTION_LOG_DIR": str(OUT / "serve" / "prediction_log")}),
     }
     # The real service's paths: (request body, client counts).
-    paths = {"by_id": (BY_ID, args.clients), "by_events": (REQUEST, args.clients), "by_id_1000": (BY_ID_1000, [1])}
+    users = stored_users(1000)
+    paths = {"by_id": ({"user_ids": users[:1], "as_of": AS_OF}, args.clients), "by_events": (REQUEST, args.clients),
+             "by_id_1000": ({"user_ids": users, "as_of": AS_OF}, [1])}
     for name, start in servers.items():
         if name not in args.servers:
             continue

@@ -24,7 +24,7 @@ Re-runs the project's DVC pipeline, one task per stage, in the project workspace
 (`USERVALUE_PROJECT_DIR`, else the Airflow Variable `uservalue_project_dir`, else the folder above
 `dags/`): **monitor_idle** (a sensor: while a `uservalue_monitor` run is running, it checks again
 every minute without holding a worker slot) **→ plan** (checks the conf) **→ ingest → validate**
-(Great Expectations) **→ featurize → train** (one mapped task per model, `train@<model>`)
+(Great Expectations) **→ materialize** (the online store of per-user events) **→ featurize → train** (one mapped task per model, `train@<model>`)
 **→ evaluate → register** (MLflow registry, gated promotion to `@champion`) **→ package**
 (BentoML model + Bento of the champion).
 
@@ -107,9 +107,10 @@ with DAG(
     # Retries reach transient failures only (exit 75, a killed stage): exit 1 or 2 fails at once, whatever the count.
     ingest = stage_task("ingest", retries=2)
     validate = stage_task("validate", retries=0)
+    materialize = stage_task("materialize", retries=2)  # the online store the service scores ids from
     featurize = stage_task("featurize", retries=1)
     trained = train.expand(model=models)
     evaluate = stage_task("evaluate", retries=1)
     register = stage_task("register", retries=2)
     package = stage_task("package", retries=1)
-    models >> ingest >> validate >> featurize >> trained >> evaluate >> register >> package
+    models >> ingest >> validate >> materialize >> featurize >> trained >> evaluate >> register >> package

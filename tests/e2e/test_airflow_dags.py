@@ -67,7 +67,7 @@ def test_retrain_runs_every_stage_and_ends_with_a_registered_champion(airflow: A
     run = airflow.runs(RETRAIN)[-1]
     assert run["state"] == "success", log[-3000:]
     tasks = airflow.tasks(run["run_id"])
-    for task_id in ("plan", "ingest", "validate", "featurize", "evaluate", "register", "package"):
+    for task_id in ("plan", "ingest", "validate", "materialize", "featurize", "evaluate", "register", "package"):
         assert tasks[(task_id, -1)][0] == "success", (task_id, tasks)
     assert tasks[("train", 0)][0] == "success" and ("train", 1) not in tasks  # one mapped task per model
     # The conf reached DVC as an override; the workspace's params.yaml is as it was.

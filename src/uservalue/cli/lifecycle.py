@@ -110,9 +110,9 @@ def register(
 
 @reports_errors
 def package(
-    params: ParamsOption = Path("params.yaml"),
     bentofile: Path = path_option("bentofile.yaml", "BentoML build file."),
     out: Path = path_option("reports/package.json", "Record of the built Bento (tag, model version, run)."),
+    params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Import the registered champion into the BentoML store and build the Bento (params `package`)."""
     from uservalue.lifecycle.package import run_package

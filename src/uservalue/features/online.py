@@ -1,13 +1,5 @@
-"""The feature definition of `uservalue.features.sql`, computed in numpy: no SQL planned per request.
-
-`online_features(events, as_of, spec)` returns exactly `build_features(events, as_of, spec)` (same
-rows, columns, Arrow types; floats equal up to summation order, everything else bit for bit) from
-events kept as numpy columns (`EventColumns`), vectorised over any number of users: one sort in the
-SQL's window order, then segment operations. The only things taken from DuckDB are computed once,
-ahead of time: the epoch seconds and `hash()` of item and category per event (`event_columns`) and
-the session time zone DuckDB stamps on the `cutoff` column. tests/data/test_online_features.py
-holds the two engines equal.
-"""
+"""The feature definition of features.sql computed in numpy over per-user event columns (no SQL planned
+per request); equal to build_features, proven by tests/data/test_online_features.py (docs/online.md)."""
 
 from __future__ import annotations
 

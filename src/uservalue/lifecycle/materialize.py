@@ -1,16 +1,5 @@
-"""Stage `materialize`: every user's canonical events into the online store, the state from which the
-service computes any feature exactly at any later as_of (`uservalue.features.online`).
-
-DuckDB streams the validated events sorted by user (out of core, under `materialize.memory_limit`);
-the stream is cut into batches of whole users (`materialize.batch_events`), each encoded and written
-into a new generation of the store, which becomes current in one switch at the end. Memory stays
-bounded by the batch, whatever the number of users.
-
-With `data.event_log` set, the service's logged events are folded in: a logged event already in the
-validated events (ingested since) lends it its event_id, so a re-send still counts once; one not
-there yet (logged after the last ingest) is added with its id. Files logged while the stage ran are
-appended after the switch (idempotent by event_id).
-"""
+"""Stage `materialize`: every user's canonical events into the online store (streamed by user in bounded
+memory, one atomic switch), plus the service's event log when `data.event_log` is set (docs/online.md)."""
 
 from __future__ import annotations
 

@@ -1,26 +1,5 @@
-"""The online store: each user's canonical events, the exact state from which every feature can be
-computed at any later as_of (`uservalue.features.online`), keyed by user id. Embedded SQLite by default
-(`sqlite:///<path>`), Redis in production (`redis://[:password@]host:port/db`).
-
-A materialization writes a new *generation* next to the current one (SQLite: a table per generation
-in the one file; Redis: a key prefix per generation) and switches to it in one transaction, so a
-reader sees the old state or the new one, never half of one; the old generation is then dropped.
-`append` merges new events into the current generation, skipping event ids the user already has.
-
-Per-user state (format version 1, little-endian), one blob per user:
-
-    header   32 bytes  magic b"UV", version u8, flags u8, n_events u32, n_values u32,
-                       text_bytes u32, n_ids u32, ids_bytes u32, 8 reserved
-    hashes   u64[n_values]    DuckDB hash() of each value (0 for a value used only as a behaviour)
-    events   n_events x 25 bytes, packed: t f64 (epoch seconds), amount f64,
-                       behavior u8, item u32, category u32 (indexes into values; 0xFFFFFFFF = null)
-    text     the n_values values, UTF-8, joined by NUL (the user's distinct behaviours first, then
-             the item and category ids); flag 1: a value holds a NUL, so u32 offsets[n+1] + bytes
-    ids      the event ids seen for this user, the same encoding (flag 2), read only by append
-
-Decoding a user is three np.frombuffer views and one str.split; many users decode into one
-EventColumns with a few vectorised gathers.
-"""
+"""The online store: each user's canonical events by user id, in SQLite (default) or Redis, written in
+generations switched atomically; the binary layout per user is in docs/online.md."""
 
 from __future__ import annotations
 
