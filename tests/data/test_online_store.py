@@ -53,7 +53,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on 127.0.0.1 (no persistence), its URL; stopped with its process group."""
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+        pytest.fail("redis-server is not installed: the Redis store is tested against a real server "
+                    "(apt-get install redis-server; .ci/run installs it)")
     import redis
 
     folder = tmp_path_factory.mktemp("redis")
