@@ -80,7 +80,8 @@ def timed(fn, repeat: int) -> np.ndarray:
 def measure_get(url: str, users: np.ndarray, seed: int = 0) -> dict:
     from uservalue.features.online import online_features
     from uservalue.features.sql import FeatureSpec
-    from uservalue.serving.store import decode_users, open_store
+    from uservalue.serving.store import open_store
+    from uservalue.serving.store_codec import decode_users
 
     rng = np.random.default_rng(seed)
     one = [str(u) for u in rng.choice(users, 2000)]

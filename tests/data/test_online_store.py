@@ -28,16 +28,8 @@ from uservalue.data.sources.event_log import EVENT_LOG_SCHEMA, event_log_files
 from uservalue.errors import ConfigError, TransientError
 from uservalue.features.online import EventColumns, concat, event_columns
 from uservalue.serving.event_log import EventLog
-from uservalue.serving.store import (
-    ENV_URL,
-    OnlineStore,
-    StoreFormatError,
-    decode_users,
-    encode_users,
-    open_store,
-    redact_url,
-    store_url,
-)
+from uservalue.serving.store import ENV_URL, OnlineStore, open_store, redact_url, store_url
+from uservalue.serving.store_codec import StoreFormatError, decode_users, encode_users
 
 FIELDS = ("user_id", "t", "behavior", "item_id", "category_id", "amount", "item_hash", "category_hash")
 
