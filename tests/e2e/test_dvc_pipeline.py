@@ -38,8 +38,10 @@ def test_repro_builds_every_stage_on_cdnow(reproduced: Path) -> None:
     assert summary["success"] and summary["rows"] == 69_659
     lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
     models = yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["models"]
-    assert set(lock["stages"]) == {"ingest", "validate", "featurize", "evaluate", "register", "package", "monitor",
-                                   *(f"train@{m}" for m in models)}
+    assert set(lock["stages"]) == {"ingest", "validate", "materialize", "featurize", "evaluate", "register", "package",
+                                   "monitor", *(f"train@{m}" for m in models)}
+    materialized = json.loads((reproduced / "reports/materialize.json").read_text())
+    assert materialized["users"] == 23_570 and materialized["events"] == 69_659
     assert lock["stages"]["featurize"]["params"]["params.yaml"]["split"]["horizon_days"] == 273
 
 
