@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytest
 
 from tests.conftest import REPO_ROOT, utc
 from tests.data.test_online_store import free_port, redis_server  # noqa: F401 - the fixture

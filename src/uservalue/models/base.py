@@ -16,7 +16,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from uservalue.errors import ConfigError, InputError
-from uservalue.features.sql import SEQUENCE_COLUMNS, FeatureSpec
+from uservalue.features.sql import FeatureSpec
 from uservalue.schema import PURCHASE
 
 PREDICTION_COLUMNS = ("user_id", "p_buy", "expected_value")
@@ -194,10 +194,6 @@ class ValueModel(ABC):
                 "expected_value": np.maximum(np.asarray(expected_value, dtype=np.float64), 0.0),
             }
         )
-
-
-def has_sequences(frame: pd.DataFrame) -> bool:
-    return all(c in frame.columns for c in SEQUENCE_COLUMNS)
 
 
 def shares_by_behavior(

@@ -4,6 +4,7 @@ and the Prometheus histograms of those batches."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import time
 from collections import deque

@@ -188,10 +188,6 @@ class FeatureTensors:
     def __len__(self) -> int:
         return int(self.agg.shape[0])
 
-    @property
-    def has_labels(self) -> bool:
-        return bool(torch.isfinite(self.value).all())
-
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows `index` as model inputs, trimmed to the longest sequence among them."""
         lengths = self.lengths[index]
