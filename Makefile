@@ -9,6 +9,12 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 PYTEST_ARGS ?=
+# The real Taobao sample (never committed: its licence is the owner's) is found through this variable; a
+# development or CI checkout has it in ../shared/data. Without it the real-sample tests skip, saying why.
+SAMPLE_DIR_DEFAULT := $(abspath ../shared/data)
+ifneq ($(wildcard $(SAMPLE_DIR_DEFAULT)/taobao_userbehavior_sample.csv),)
+export USERVALUE_SAMPLE_DIR ?= $(SAMPLE_DIR_DEFAULT)
+endif
 
 MLFLOW_PORT ?= 5000
 USERVALUE_PORT ?= 3000

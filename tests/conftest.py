@@ -1,5 +1,5 @@
-"""Shared fixtures: real data (CDNOW from lifetimes, the Taobao sample in ../shared/data) and
-small generated logs. Nothing here mocks a component."""
+"""Shared fixtures: real data (CDNOW from lifetimes; the Taobao sample where USERVALUE_SAMPLE_DIR names
+it, see tests/support/samples.py) and small generated logs. Nothing here mocks a component."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from uservalue.config import DataParams, SyntheticSource
 from uservalue.data.sources import ingest
 from uservalue.data.sources.synthetic import generate
 
+from tests.support.samples import missing_sample_reason, real_taobao_sample, write_generated_taobao_csv
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-TAOBAO_SAMPLE = SHARED_DATA / "taobao_userbehavior_sample.csv"
 UTC = dt.UTC
 
 
@@ -52,10 +52,16 @@ def write_params(tmp_path: Path, repo_params: dict[str, Any]):
     return _write
 
 
-@pytest.fixture(scope="session")
-def taobao_sample() -> Path:
-    assert TAOBAO_SAMPLE.is_file(), f"the real Taobao sample is expected at {TAOBAO_SAMPLE}"
-    return TAOBAO_SAMPLE
+@pytest.fixture(scope="session", params=["generated", "real"])
+def taobao_sample(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Taobao UserBehavior CSV: every test that takes it runs on a generated file (always) and on the
+    real sample (skipped, with the reason, when USERVALUE_SAMPLE_DIR does not name it)."""
+    if request.param == "generated":
+        return write_generated_taobao_csv(tmp_path_factory.mktemp("taobao_generated"))
+    sample = real_taobao_sample()
+    if sample is None:
+        pytest.skip(missing_sample_reason())
+    return sample
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 message naming the file, the row and the column (where they apply), and must leave the previous
 output exactly as it was (no partial file, no temporary file beside it).
 
-Every bad file is a good one built from real rows with one known cell broken, so the expected row
+Every bad file is a good one (real CDNOW rows; Taobao-format rows from a generated file, and the real
+Taobao sample's where USERVALUE_SAMPLE_DIR names it) with one known cell broken, so the expected row
 is exact. Rows count like a spreadsheet: CSV = physical line (a header is line 1), Parquet =
 1-based data row.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,9 @@ from uservalue.schema import EVENTS_SCHEMA
 from uservalue.data.sources.cdnow import cdnow_path, read_cdnow
 from uservalue.data.sources.writer import write_sorted_events
 
+from tests.support.samples import missing_sample_reason, real_taobao_sample, write_generated_taobao_csv
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-TAOBAO_SAMPLE = SHARED_DATA / "taobao_userbehavior_sample.csv"
 
 TAOBAO_COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "unix_ts"]
 FILE_COLUMNS = ["user_id", "ts", "behavior", "item_id", "category_id", "quantity", "amount"]
@@ -48,12 +50,18 @@ Writer = Callable[[Path], dict[str, Any]]
 # ------------------------------------------------------------------ good rows (real data)
 
 
-def taobao_rows() -> Rows:
-    """The first 20 rows of the real sample plus its first purchase (so amounts matter)."""
-    assert TAOBAO_SAMPLE.is_file(), f"the real Taobao sample is expected at {TAOBAO_SAMPLE}"
-    lines = TAOBAO_SAMPLE.read_text().splitlines()
+def taobao_rows(csv: Path) -> Rows:
+    """The first 20 rows of a Taobao-format file plus its first purchase (so amounts matter)."""
+    lines = csv.read_text().splitlines()
     first_buy = next(line for line in lines if line.split(",")[TB["behavior_type"]] == "buy")
     return [line.split(",") for line in [*lines[:20], first_buy]]
+
+
+def generated_taobao_rows() -> Rows:
+    # The cases below are built at collection, from a generated file (always there); the real sample's
+    # rows are ingested by test_real_taobao_sample_rows_ingest where USERVALUE_SAMPLE_DIR names it.
+    with tempfile.TemporaryDirectory() as folder:
+        return taobao_rows(write_generated_taobao_csv(Path(folder)))
 
 
 def file_rows(taobao: Rows) -> Rows:
@@ -72,7 +80,7 @@ def cdnow_rows() -> Rows:
     return [line.split() for line in cdnow_path().read_text().splitlines()[1:21]]
 
 
-TAOBAO = taobao_rows()
+TAOBAO = generated_taobao_rows()
 FILE = file_rows(TAOBAO)
 CDNOW = cdnow_rows()
 AMOUNTS = [  # category_id,amount table; the first category is that of the purchase
@@ -326,6 +334,19 @@ def test_bad_input_fails_cleanly(case: Case, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("write", GOOD.values(), ids=GOOD.keys())
 def test_good_input_ingests(write: Writer, tmp_path: Path) -> None:
+    assert_ingests(write, len(TAOBAO), tmp_path)
+
+
+def test_real_taobao_sample_rows_ingest(tmp_path: Path) -> None:
+    sample = real_taobao_sample()
+    if sample is None:
+        pytest.skip(missing_sample_reason())
+    rows = taobao_rows(sample)
+    amounts = with_cell(AMOUNTS, 1, 0, rows[-1][TB["category_id"]])  # the purchase's category gets a value
+    assert_ingests(taobao(rows, amounts), len(rows), tmp_path)
+
+
+def assert_ingests(write: Writer, rows: int, tmp_path: Path) -> None:
     params = write_params(tmp_path, write(tmp_path))
     out, _ = previous_output(tmp_path)
 
@@ -333,7 +354,7 @@ def test_good_input_ingests(write: Writer, tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.output
     events = pq.read_table(out)
-    assert events.num_rows == len(TAOBAO)
+    assert events.num_rows == rows
     assert [(f.name, f.type) for f in events.schema] == [(f.name, f.type) for f in EVENTS_SCHEMA]
     assert total(events, "amount") > 0  # the purchase was given a value
     assert (tmp_path / "truth" / "truth.json").is_file()

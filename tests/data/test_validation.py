@@ -71,7 +71,7 @@ def test_taobao_quarantine_counts_every_out_of_range_row(taobao_events: Path, tm
     cfg = ValidateParams(mode="quarantine", max_quarantine_share=0.05, **TAOBAO_WINDOW)
     outcome = validate_file(taobao_events, cfg, BEHAVIORS, **paths)
     expected = _outside_window(taobao_events)
-    assert len(expected) >= 1  # the sample's real dirt (a 2017-09-11 event)
+    assert len(expected) >= 1  # the sample's dirt (the real one has a 2017-09-11 event)
     quarantined = pd.read_parquet(paths["quarantine_out"])
     assert len(quarantined) == len(expected)
     assert set(zip(quarantined["user_id"], quarantined["ts"], strict=True)) == set(
