@@ -38,7 +38,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 		-c requirements/constraints.txt -e '.[test]'
 	@touch $@
 
-install: $(STAMP)
+# `dvc plots show` uses this template (.dvc/config plots.html_template): Vega inlined from the
+# vl-convert-python wheel, so the page renders offline. Generated, not committed (about 0.9 MB).
+DVC_PLOTS_TEMPLATE := .dvc/plots-template.html
+$(DVC_PLOTS_TEMPLATE): $(STAMP)
+	@mkdir -p $(dir $@)
+	$(BIN)/uservalue offline-assets --dvc-template $@
+
+install: $(STAMP) $(DVC_PLOTS_TEMPLATE)
 
 run: install
 	@test -d .git || git init --quiet
@@ -58,6 +65,7 @@ bench: install
 	python bench/featurize.py
 	python bench/cdnow_quality.py
 	python bench/serve.py
+	python bench/load.py
 	python bench/dag_parse.py
 
 # The embedded default store (params tracking.uri: null): SQLite in the project, artifacts in ./mlartifacts.

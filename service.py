@@ -5,14 +5,26 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+import json
+import logging
+from typing import Any
 
 import bentoml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
-from uservalue.serving.auth import ApiKeyMiddleware
-from uservalue.serving.requests import Event, Identifier, LoggedEvent, RequestError
+from uservalue.serving.auth import ApiKeyMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware
+from uservalue.serving.requests import (
+    ClientErrorLogFilter,
+    Event,
+    EventsRequest,
+    Identifier,
+    LoggedEvent,
+    PredictRequest,
+    RequestError,
+    openapi_contract,
+)
+from uservalue.serving.settings import exit_with_parent
 
 
 class BentoArguments(BaseModel):
@@ -21,6 +33,9 @@ class BentoArguments(BaseModel):
 
 
 ARGUMENTS = bentoml.use_arguments(BentoArguments)
+
+# A request BentoML's validation refuses is the client's mistake: one INFO line, not an ERROR traceback.
+logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLogFilter())
 
 
 @bentoml.service(name="uservalue", traffic={"timeout": 60}, workers=1)
@@ -36,6 +51,9 @@ class UserValueService:
         from uservalue.serving.scorer import Scorer
         from uservalue.serving.settings import open_configured_store, serve_settings
 
+        # The worker is its own process group: if the server above it is killed (kill -9), it must not
+        # outlive it holding the port. It stops as on SIGTERM, flushing its logs.
+        exit_with_parent()
         settings = serve_settings()
         model, self.info, self.metadata_record = load_packaged_model(self.bento_model)
         self.store = open_configured_store(settings)
@@ -48,14 +66,9 @@ class UserValueService:
             scorer, PredictionLog(settings.log_dir, settings.log_flush_records, settings.log_flush_seconds),
             max_wait_ms=settings.batch_wait_ms, observe=batch_metrics())
 
-    @bentoml.api(route="/predict")
-    async def predict(
-        self,
-        user_ids: Annotated[list[Identifier], Field(description="users scored from their stored events")] = [],  # noqa: B006
-        events: Annotated[list[Event], Field(description="events of users to score (with user_ids: added for "
-                                                         "this request only)")] = [],  # noqa: B006
-        as_of: dt.datetime | None = None,
-    ) -> dict[str, Any]:
+    @bentoml.api(route="/predict", input_spec=PredictRequest)
+    async def predict(self, user_ids: list[Identifier], events: list[Event],
+                      as_of: dt.datetime | None) -> dict[str, Any]:
         """p_buy, expected value over the horizon and behaviour influence for every user asked by id or in
         `events`; an unknown id is named under `errors`, the others are answered."""
         try:
@@ -63,11 +76,8 @@ class UserValueService:
         except RequestError as error:
             return JSONResponse(error.body(), status_code=error.status)  # type: ignore[return-value]
 
-    @bentoml.api(route="/events")
-    def events(
-        self,
-        events: Annotated[list[LoggedEvent], Field(min_length=1, description="new events; an event_id counts once")],
-    ) -> dict[str, Any]:
+    @bentoml.api(route="/events", input_spec=EventsRequest)
+    def events(self, events: list[LoggedEvent]) -> dict[str, Any]:
         """Append events to their users' stored state (the next /predict by id sees them) and to the event log."""
         try:
             return self.intake.accept(events)
@@ -88,4 +98,29 @@ class UserValueService:
         self.store.close()
 
 
+class ContractMiddleware:
+    """Serves /docs.json as BentoML generates it, corrected to what the service answers: the error
+    responses (400, 401, 413, 422, 500) with their real body (`detail` is a list of {loc, msg})."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._spec: bytes | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/docs.json" or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        if self._spec is None:
+            self._spec = json.dumps(openapi_contract(UserValueService.openapi_spec.asdict())).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(self._spec)).encode())]})
+        await send({"type": "http.response.body", "body": self._spec})
+
+
+# In this order around the app (Starlette: the first added is the outermost): the key, the body limit,
+# JSON only, the contract.
 UserValueService.add_asgi_middleware(ApiKeyMiddleware)
+UserValueService.add_asgi_middleware(BodyLimitMiddleware)
+UserValueService.add_asgi_middleware(JsonOnlyMiddleware)
+UserValueService.add_asgi_middleware(ContractMiddleware)

@@ -5,9 +5,10 @@ online store the materialize stage wrote):
 
     python bench/serve.py [--seconds 30] [--clients 1 8] [--users 100000]
 
-Three servers are measured one after another, in one run, with the same client: a bare uvicorn
-ASGI app (the floor), a trivial BentoML service with the same input type (BentoML's own cost) and
-the real service on three paths: one user by id (from the online store), one user by events (3
+First the service's compute alone is timed in this process (`--compute`: score, log and answer
+one request, no HTTP). Then three servers are measured one after another, in one run, with the
+same client: a bare uvicorn ASGI app (the floor), a trivial BentoML service with the same input
+type (BentoML's own cost) and the real service on three paths: one user by id (from the online store), one user by events (3
 events sent), and 1,000 users by id in one request (1 client). The client runs on the same cores,
 so the figures are comparable with each other, not with a dedicated load generator. Targets
 (issue 15): by id p50 <= 2.5x and req/s >= 0.5x the trivial service's; by events p50 <= 4x and
@@ -114,12 +115,12 @@ async def _load(url: str, clients: int, seconds: float, request: dict = REQUEST)
 
 def bench_batch(users: int) -> dict[str, float]:
     from uservalue.config import SyntheticSource, load_params
+    from uservalue.data.sources.synthetic import generate
     from uservalue.features.sql import build_features
-    from uservalue.lifecycle.monitor import default_as_of
     from uservalue.lifecycle.context import StageContext
+    from uservalue.lifecycle.monitor import default_as_of
     from uservalue.lifecycle.registry import load_registered
     from uservalue.serving.scorer import score_features
-    from uservalue.data.sources.synthetic import generate
 
     events = OUT / "train_sequence" / f"events_u{users}_e100.parquet"  # bench/train_sequence.py's log, if there
     if not events.is_file():
@@ -138,7 +139,77 @@ def bench_batch(users: int) -> dict[str, float]:
             "total_s": done - started, "users_per_s": len(scored) / (done - started)}
 
 
+def bench_compute(repeats: int) -> dict[str, dict[str, float]]:
+    """The service's compute per request, in this process, without HTTP: Scorer.score_batch (store
+    read, online features, model with influence), answers and log_frame, as BatchingPredictor runs
+    them for a lone request. Median and p90 ms over `repeats` calls per path (a tenth for 1,000 ids)."""
+    import statistics
+
+    import bentoml
+
+    from uservalue.serving.bento_model import load_packaged_model
+    from uservalue.serving.requests import Event
+    from uservalue.serving.scorer import Scorer
+    from uservalue.serving.settings import open_configured_store, serve_settings
+
+    record = json.loads((ROOT / "reports" / "package.json").read_text())
+    os.environ.setdefault("BENTOML_HOME", str(ROOT / record["bentoml_home"]))
+    os.environ.setdefault("USERVALUE_PROJECT_DIR", str(ROOT))
+    model, info, _ = load_packaged_model(bentoml.models.get(record["bento_model"]))
+    store = open_configured_store(serve_settings())
+    scorer = Scorer(model, info, max_events=100_000, max_users=10_000, store=store)
+    users = stored_users(1000)
+    as_of = dt.datetime.fromisoformat(AS_OF)
+    events = [Event.model_validate(e) for e in REQUEST["events"]]
+    requests = {"by_id": ([], as_of, users[:1]), "by_events": (events, dt.datetime.fromisoformat(REQUEST["as_of"]), []),
+                "by_id_1000": ([], as_of, users)}
+    figures = {}
+    try:
+        for path, (sent, when, ids) in requests.items():
+            times = []
+            for _ in range(max(repeats // (10 if path == "by_id_1000" else 1), 5)):
+                started = time.perf_counter()
+                batch = scorer.score_batch([scorer.prepare(sent, when, ids)])
+                scorer.log_frame(batch)
+                scorer.answers(batch)
+                times.append((time.perf_counter() - started) * 1e3)
+            times = times[len(times) // 10:]  # the first calls warm caches up
+            figures[path] = {"p50_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90))}
+    finally:
+        store.close()
+    return figures
+
+
 SERVERS = ("bare_uvicorn", "trivial_bentoml", "uservalue_service")
+
+
+def bench_paired(trivial_url: str, service_url: str, paths: dict[str, tuple[dict, list[int]]], seconds: float,
+                 rounds: int) -> dict[str, dict[str, dict[str, object]]]:
+    """Each path against the trivial service, both servers up, in `rounds` alternating rounds of
+    seconds / rounds each (the trivial service first in even rounds): load that other work puts on
+    shared cores then falls on both sides of each ratio. Per path and client count: the median over
+    rounds of each server's p50 / p99 / req/s and of the per-round ratios, and every round."""
+    out: dict[str, dict[str, dict[str, object]]] = {}
+    for path, (body, counts) in paths.items():
+        out[path] = {}
+        for clients in counts:
+            per_round = []
+            for r in range(rounds):
+                order = [("trivial", trivial_url, REQUEST), ("service", service_url, body)]
+                runs = {name: asyncio.run(_load(url, clients, seconds / rounds, request))
+                        for name, url, request in (order if r % 2 == 0 else order[::-1])}
+                per_round.append({**runs, "p50_ratio": runs["service"]["p50_ms"] / runs["trivial"]["p50_ms"],
+                                  "rps_ratio": runs["service"]["rps"] / runs["trivial"]["rps"]})
+            out[path][f"{clients}_clients"] = {
+                **{f"{name}_{k}": float(np.median([row[name][k] for row in per_round]))
+                   for name in ("service", "trivial") for k in ("rps", "p50_ms", "p99_ms")},
+                "p50_ratio": float(np.median([row["p50_ratio"] for row in per_round])),
+                "rps_ratio": float(np.median([row["rps_ratio"] for row in per_round])),
+                "rounds": per_round,
+            }
+            summary = {k: round(v, 3) for k, v in out[path][f"{clients}_clients"].items() if k != "rounds"}
+            print(f"paired {path} {clients} clients: {summary}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -150,12 +221,20 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS),
                         help="which servers to load (the comparison needs trivial_bentoml and uservalue_service)")
     parser.add_argument("--no-batch", action="store_true", help="skip the 10^5-user batch scoring")
+    parser.add_argument("--compute", type=int, default=300, metavar="N",
+                        help="also time the service's compute per request in this process, N calls per path (0: skip)")
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                        help="instead of one server after the other: the service and the trivial service up "
+                             "together, each path in ROUNDS alternating rounds (for cores shared with other work)")
     args = parser.parse_args()
     if not (ROOT / "reports" / "package.json").is_file():
         raise SystemExit("no built Bento: run `make run` first")
 
     results: dict[str, object] = {"when": dt.datetime.now(dt.UTC).isoformat(), "cpus": os.cpu_count(),
                                   "clients": args.clients, "seconds": args.seconds}
+    if args.compute:
+        results["compute"] = bench_compute(args.compute)
+        print(f"compute: {results['compute']}", flush=True)
     if not args.no_batch:
         results["batch"] = bench_batch(args.users)
         print(f"batch: {results['batch']}", flush=True)
@@ -173,6 +252,19 @@ def main() -> None:
     users = stored_users(1000)
     paths = {"by_id": ({"user_ids": users[:1], "as_of": AS_OF}, args.clients), "by_events": (REQUEST, args.clients),
              "by_id_1000": ({"user_ids": users, "as_of": AS_OF}, [1])}
+    if args.paired:
+        started: list[tuple[int, subprocess.Popen]] = []
+        try:
+            for name in ("trivial_bentoml", "uservalue_service"):
+                port = _free_port()
+                started.append((port, servers[name](port)))
+            results["paired"] = bench_paired(*(f"http://127.0.0.1:{port}/predict" for port, _ in started),
+                                             paths, args.seconds, args.paired)
+        finally:
+            for _, process in started:
+                _stop(process)
+        (OUT / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
+        return
     for name, start in servers.items():
         if name not in args.servers:
             continue

@@ -9,8 +9,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from uservalue import limits
 from uservalue.errors import ConfigError
 from uservalue.schema import DEFAULT_BEHAVIORS, PURCHASE
 
@@ -153,6 +162,10 @@ class ValidateParams(_Section):
     min_purchases: int = Field(1, ge=0)
     max_quarantine_share: float = Field(0.05, ge=0, le=1)
     example_rows: int = Field(5, ge=1)
+    batch_rows: int = Field(
+        1_000_000, ge=1,
+        description="rows validated at once: row-level expectations run per batch of this many rows (bounded "
+                    "memory); table-level ones are DuckDB aggregates over the whole file")
 
     @property
     def window(self) -> tuple[dt.datetime | None, dt.datetime | None]:
@@ -162,6 +175,17 @@ class ValidateParams(_Section):
         )
 
 
+class DuckDBParams(_Section):
+    """Every DuckDB connection the project opens (uservalue.duck): a stage's own memory_limit is capped by
+    this one, and sorts, joins and aggregates spill to temp_directory beyond it."""
+
+    memory_limit: str = Field("4GB", pattern=r"^\s*\d+(\.\d+)?\s*[KMGT]?i?B\s*$",
+                              description="DuckDB memory limit, e.g. 4GB or 512MiB (it spills beyond)")
+    threads: int = Field(0, ge=0, description="DuckDB threads when a stage sets none; 0 = all cores")
+    temp_directory: str = Field("tmp/duckdb", min_length=1,
+                                description="spill folder (relative: to the working directory, the project)")
+
+
 class FeaturizeParams(_Section):
     sequence_length: int = Field(50, ge=1)
     windows_days: tuple[int, ...] = (7, 30, 90, 365)
@@ -169,6 +193,25 @@ class FeaturizeParams(_Section):
     item_buckets: int = Field(16384, ge=1)
     threads: int = Field(0, ge=0, description="DuckDB threads; 0 = all cores")
     memory_limit: str = Field("4GB", description="DuckDB memory limit (it spills beyond)")
+    engine: Literal["duckdb", "spark"] = Field(
+        "duckdb", description="duckdb (embedded) | spark (the session of params `spark`); the same features")
+
+
+class SparkParams(_Section):
+    """The Spark session of stages run with engine `spark` (uservalue.features.spark)."""
+
+    master: str = Field("local[*]", min_length=1,
+                        description="spark.master, e.g. local[*], spark://host:7077, yarn; SPARK_MASTER wins")
+    driver_memory: str = Field("2g", pattern=r"^\d+[kmgt]?$", description="spark.driver.memory, e.g. 2g")
+    config: dict[str, str] = Field(default_factory=dict, description="more Spark conf, key -> value")
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _conf_values_as_text(cls, value: Any) -> Any:
+        # YAML reads 4 and true as numbers and booleans; Spark conf values are strings.
+        if isinstance(value, Mapping):
+            return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+        return value
 
 
 class SplitParams(_Section):
@@ -220,6 +263,10 @@ METRICS: dict[str, bool] = {
 MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
 
 
+# Keys of a `train.<model>` section that the train stage reads itself (not passed to the model).
+STAGE_TRAIN_KEYS = ("max_train_rows",)
+
+
 class _TrainBase(_Section):
     """Which models to train; each model's own section is typed by the model itself."""
 
@@ -241,7 +288,16 @@ class _TrainBase(_Section):
         return models
 
     def model_params(self, name: str) -> dict[str, Any]:
-        return dict(getattr(self, name))
+        """The model's own params (`train.<model>` less the keys the train stage reads itself)."""
+        return {k: v for k, v in getattr(self, name).items() if k not in STAGE_TRAIN_KEYS}
+
+    def max_train_rows(self, name: str) -> int | None:
+        """`train.<model>.max_train_rows`: at most this many training rows, whole users sampled with
+        `train.seed` (the sequence model's CPU budget at 10^6 users); null or absent: every row."""
+        value = getattr(self, name).get("max_train_rows")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"train.{name}.max_train_rows: expected a positive integer or null, got {value!r}")
+        return value
 
 
 # One `train.<model>` section per catalog entry.
@@ -280,6 +336,8 @@ class PackageParams(_Section):
     bentoml_home: str | None = Field(
         None, description="BentoML store; BENTOML_HOME wins; default .bentoml in the project (git-ignored)"
     )
+    keep_bentos: int = Field(5, ge=1, description="Bentos of this name kept in the store (older ones, and "
+                                                 "models no kept Bento uses, are deleted)")
 
 
 class StoreParams(_Section):
@@ -309,8 +367,9 @@ class ServeParams(_Section):
     """The service's limits and its prediction log; each can be overridden by a USERVALUE_* env var
     (the API key is only ever an env var: USERVALUE_API_KEY)."""
 
-    max_users: int = Field(1000, ge=1, description="users per /predict request; more is refused with 413")
-    max_events: int = Field(100_000, ge=1, description="events per /predict request; more is refused with 413")
+    max_users: int = Field(limits.MAX_USERS_PER_REQUEST, ge=1, description="users per /predict request; more is refused with 413")
+    max_events: int = Field(limits.MAX_EVENTS_PER_REQUEST, ge=1,
+                            description="events per /predict request; more is refused with 413")
     log_dir: str = Field("data/prediction_log", description="prediction log (Parquet, one folder per day)")
     event_log_dir: str = Field("data/event_log", description="events accepted by /events (Parquet, one folder per day)")
     log_flush_records: int = Field(1000, ge=1, description="records buffered before a log file is written")
@@ -338,6 +397,24 @@ class MonitorParams(_Section):
     min_rows: int = Field(100, ge=1, description="fewer current rows than this is an error, not a verdict")
 
 
+class MetricTarget(_Section):
+    """A quality target for one metric, with the best anchor measured on the same split (for the report)."""
+
+    target: float
+    direction: Literal["min", "max", "abs"] = Field(
+        description="min: at least `target`; max: at most `target`; abs: |value| at most `target`")
+    anchor: float | None = None
+    anchor_source: str = ""
+
+
+class ReportParams(_Section):
+    """The report stage: reports/index.html, one page for the outcome of a run."""
+
+    targets: dict[MetricName, MetricTarget] = Field(
+        default_factory=dict, description="metric -> target and anchor (params.yaml holds CDNOW's, issue 16)")
+    mlflow_ui: str | None = Field("http://127.0.0.1:5000", description="where `make mlflow-ui` serves; null: no link")
+
+
 class Params(_Section):
     # Sections of later stages are theirs to type; tolerate them here.
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
@@ -354,6 +431,9 @@ class Params(_Section):
     serve: ServeParams = ServeParams()
     materialize: MaterializeParams = MaterializeParams()
     monitor: MonitorParams = MonitorParams()
+    duckdb: DuckDBParams = DuckDBParams()
+    report: ReportParams = ReportParams()
+    spark: SparkParams = SparkParams()
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 from pathlib import Path
 
@@ -10,10 +11,20 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from uservalue import limits
 from uservalue.errors import ConfigError
 from uservalue.schema import EVENTS_SCHEMA
-from uservalue.serving.prediction_log import PredictionLog, read_prediction_log
-from uservalue.serving.requests import Event, RequestError, events_table, validate_events
+from uservalue.serving.auth import offered_key
+from uservalue.serving.prediction_log import PredictionLog, finite_rows, read_prediction_log
+from uservalue.serving.requests import (
+    ClientErrorLogFilter,
+    Event,
+    PredictRequest,
+    RequestError,
+    events_table,
+    openapi_contract,
+    validate_events,
+)
 from uservalue.serving.settings import serve_settings
 
 BEHAVIORS = ("view", "fav", "cart", "buy")
@@ -40,6 +51,20 @@ def test_event_reads_json_as_a_client_sends_it() -> None:
         ({"ts": "yesterday"}, "ts", "datetime"),
         ({"user_id": ""}, "user_id", "at least 1"),
         ({"colour": "red"}, "colour", "Extra inputs"),
+        # uservalue.limits, shared with the validation gate (issue 19)
+        ({"amount": 1.7e308}, "amount", f"less than or equal to {limits.AMOUNT_MAX:.0f}"),
+        ({"amount": "3"}, "amount", "valid number"),
+        ({"quantity": limits.QUANTITY_MAX * 10}, "quantity", "less than or equal to"),
+        ({"behavior": "view", "amount": 999}, "amount", "expected 0 unless behavior is 'buy'"),
+        ({"behavior": "click"}, "behavior", "'view', 'fav', 'cart' or 'buy'"),
+        ({"ts": "1400-01-01"}, "ts", "out of range"),
+        ({"ts": "0001-01-01T00:00:00Z"}, "ts", "out of range"),
+        ({"ts": "2999-01-01T00:00:00Z"}, "ts", "not in the future"),
+        ({"ts": 0}, "ts", "ISO 8601 time string"),
+        ({"user_id": "a\x00b"}, "user_id", "pattern"),
+        ({"user_id": "a\x1fb"}, "user_id", "pattern"),
+        ({"user_id": "u" * (limits.ID_MAX_LENGTH + 1)}, "user_id", f"at most {limits.ID_MAX_LENGTH}"),
+        ({"item_id": "i\x00"}, "item_id", "pattern"),
     ],
 )
 def test_event_errors_name_the_field(change: dict, field: str, problem: str) -> None:
@@ -47,6 +72,72 @@ def test_event_errors_name_the_field(change: dict, field: str, problem: str) -> 
         _event(**change)
     error = caught.value.errors()[0]
     assert error["loc"] == (field,) and problem in error["msg"]
+
+
+def test_predict_request_refuses_unknown_keys_and_as_of_out_of_range() -> None:
+    assert PredictRequest.model_validate({"user_ids": ["u1"], "as_of": "1998-01-01"}).as_of.tzinfo is not None
+    for body, loc in [({"user_ids": ["u1"], "asof": "1998-01-01"}, ("asof",)),
+                      ({"user_ids": ["u1"], "as_of": "9999-12-31T00:00:00Z"}, ("as_of",)),
+                      ({"user_ids": ["u1"], "as_of": "1500-01-01"}, ("as_of",))]:
+        with pytest.raises(ValidationError) as caught:
+            PredictRequest.model_validate_json(json.dumps(body))
+        assert caught.value.errors()[0]["loc"] == loc
+    # The limits hold with room inside pandas' nanosecond range, which the features and the log use.
+    nanoseconds = (pd.Timestamp.min.tz_localize("UTC"), pd.Timestamp.max.tz_localize("UTC"))
+    assert nanoseconds[0] < pd.Timestamp(limits.TS_MIN) and pd.Timestamp(limits.AS_OF_MAX) < nanoseconds[1]
+
+
+def test_limits_name_every_identifier_problem() -> None:
+    assert limits.id_problem("user-42") is None
+    assert "control character" in limits.id_problem("a\x1fb")
+    assert "control character" in limits.id_problem("a\n")  # a trailing newline too (fullmatch, not match)
+    assert f"expected {limits.ID_MIN_LENGTH} to" in limits.id_problem("")
+
+
+def test_api_key_scheme_is_case_insensitive_and_required() -> None:
+    assert offered_key({"authorization": "Bearer k"}) == "k"
+    assert offered_key({"authorization": "bearer k"}) == "k"
+    assert offered_key({"authorization": "BEARER  k "}) == "k"
+    assert offered_key({"authorization": "k"}) is None  # no scheme: nothing offered
+    assert offered_key({"authorization": "Basic k"}) is None
+    assert offered_key({"x-api-key": "k"}) == "k"
+
+
+def test_openapi_contract_documents_the_errors_really_sent() -> None:
+    spec = {"paths": {"/predict": {"post": {"responses": {200: {"description": "ok"}, 400: {"description": "x"},
+                                                          404: {"description": "never"}},
+                                            "requestBody": {"content": {"application/json": {"schema": {
+                                                "properties": {"as_of": {"type": "string", "default": None}}}}}}}}},
+            "components": {"schemas": {}}}
+    contract = openapi_contract(spec)
+    responses = contract["paths"]["/predict"]["post"]["responses"]
+    assert set(responses) == {"200", "400", "401", "413", "415", "422", "500"}
+    assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    detail = contract["components"]["schemas"]["ErrorBody"]["properties"]["detail"]
+    assert detail["type"] == "array"  # BentoML's own spec said a string
+    body = contract["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["as_of"]["nullable"] is True
+
+
+def test_client_errors_are_logged_as_one_info_line() -> None:
+    import logging
+
+    try:
+        Event.model_validate({"user_id": "u", "ts": "1997-03-01", "behavior": "view", "amount": 999})
+    except ValidationError as error:
+        record = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on %s [%s]",
+                                   ("/predict", "POST"), (type(error), error, error.__traceback__))
+    assert ClientErrorLogFilter().filter(record)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.getMessage().startswith("Exception on /predict [POST]: client error: 1 invalid field(s): amount")
+    other = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "boom", (), (RuntimeError, RuntimeError("x"), None))
+    assert ClientErrorLogFilter().filter(other) and other.levelno == logging.ERROR and other.exc_info
+
+
+def test_non_finite_rows_never_reach_the_log() -> None:
+    frame = pd.DataFrame({"user_id": ["a", "b", "c"], "p_buy": [0.1, 0.2, float("nan")],
+                          "monetary_sum": [1.0, float("inf"), 2.0], "gap": [float("nan"), 1.0, 1.0]})
+    assert finite_rows(frame)["user_id"].tolist() == ["a"]  # a missing feature (gap NaN) is kept
 
 
 def test_events_table_is_the_canonical_table() -> None:
@@ -62,16 +153,20 @@ def test_events_table_is_the_canonical_table() -> None:
 
 def test_validate_events_refuses_what_the_model_cannot_score() -> None:
     assert validate_events([_event(), _event(user_id="u2")], BEHAVIORS, 10, 10) == {"u1", "u2"}
+    # The request model knows the whole vocabulary (an enum); a model trained on fewer behaviours refuses the rest.
     with pytest.raises(RequestError) as unknown:
-        validate_events([_event(), _event(behavior="click")], BEHAVIORS, 10, 10)
+        validate_events([_event(), _event(behavior="fav")], ("view", "buy"), 10, 10)
     assert unknown.value.status == 400 and unknown.value.loc == ["events", 1, "behavior"]
-    assert "click" in unknown.value.problem and "view" in unknown.value.problem
+    assert "fav" in unknown.value.problem and "view" in unknown.value.problem
     with pytest.raises(RequestError) as too_many_events:
         validate_events([_event()] * 3, BEHAVIORS, max_events=2, max_users=10)
     assert too_many_events.value.status == 413 and "at most 2" in too_many_events.value.problem
     with pytest.raises(RequestError) as too_many_users:
         validate_events([_event(user_id=f"u{i}") for i in range(3)], BEHAVIORS, max_events=10, max_users=2)
     assert too_many_users.value.status == 413 and "3 users" in too_many_users.value.problem
+    with pytest.raises(RequestError) as busy_user:
+        validate_events([_event()] * (limits.MAX_EVENTS_PER_USER + 1), BEHAVIORS, max_events=10**6, max_users=10)
+    assert busy_user.value.status == 413 and "per user" in busy_user.value.problem
     with pytest.raises(RequestError) as empty:
         validate_events([], BEHAVIORS, 10, 10)
     assert empty.value.loc == ["events"]

@@ -7,17 +7,28 @@ import datetime as dt
 import math
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import duckdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import utc
-from uservalue.features.online import EventColumns, _log_f32, concat, event_columns, online_features
+from uservalue.features.online import (
+    EventColumns,
+    FeatureArrays,
+    _log_f32,
+    concat,
+    epoch_seconds,
+    event_columns,
+    events_to_columns,
+    online_arrays,
+    online_features,
+    output_schema,
+)
 from uservalue.features.sql import FeatureSpec, build_features
 from uservalue.schema import EVENTS_SCHEMA
 
@@ -203,3 +214,60 @@ def test_random_logs(rows, cutoff_seconds, windows, sequence_length, buckets, se
     # Any order in, the same table out.
     shuffled = columns.take(np.random.default_rng(seed).permutation(len(columns)))
     assert_parity(table, cutoff, spec, shuffled)
+
+
+# --- the service's inputs and outputs without DuckDB or Arrow (the fast path, issue 15) ---------------
+def _as_events_to_columns(table: pa.Table) -> EventColumns:
+    """events_to_columns of a canonical events table's rows, as the scorer passes a request's events."""
+    micros = table.column("ts").cast(pa.int64()).to_pylist()
+    return events_to_columns(table.column("user_id").to_pylist(), micros, table.column("behavior").to_pylist(),
+                             table.column("item_id").to_pylist(), table.column("category_id").to_pylist(),
+                             table.column("amount").to_pylist())
+
+
+def _assert_same_columns(got: EventColumns, want: EventColumns) -> None:
+    for name in ("user_id", "t", "behavior", "item_id", "category_id", "amount", "item_hash", "category_hash"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        assert getattr(got, name).dtype == getattr(want, name).dtype, name
+
+
+def test_epoch_seconds_is_duckdbs_epoch_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    micros = np.concatenate([rng.integers(-10**16, 4 * 10**15, 100_000), rng.integers(0, 2 * 10**15, 1000) // 1000])
+    with duckdb.connect() as con:
+        con.register("times", pa.table({"ts": pa.array(micros, pa.timestamp("us", tz="UTC"))}))
+        expected = con.execute("SELECT epoch(ts)::DOUBLE AS t FROM times").fetchnumpy()["t"]
+    np.testing.assert_array_equal(epoch_seconds(micros), expected)
+    assert not np.array_equal(micros / 1e6, expected), "micros / 1e6 is not DuckDB's epoch (the test's premise)"
+
+
+def test_events_to_columns_equals_event_columns(synthetic) -> None:
+    table, columns = synthetic
+    assert table.column("item_id").null_count < 5_000, "the test needs item ids"
+    _assert_same_columns(_as_events_to_columns(table.slice(0, 5_000)), columns.take(np.arange(5_000)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(ROW, min_size=1, max_size=40), cutoff_seconds=st.integers(0, 45 * 86_400))
+def test_events_to_columns_gives_the_same_features(rows, cutoff_seconds) -> None:
+    table = _table(rows)
+    columns = _as_events_to_columns(table)
+    _assert_same_columns(columns, event_columns(table))
+    assert_parity(table, BASE + dt.timedelta(seconds=cutoff_seconds), NARROW, columns)
+
+
+def test_feature_arrays_take_and_concat_are_the_rows_of_the_table(synthetic) -> None:
+    columns = synthetic[1]
+    cutoff = CDNOW_CUTOFFS[1]
+    arrays = online_arrays(columns, cutoff, NARROW)
+    whole = online_features(columns, cutoff, NARROW)
+    assert_same_table(arrays.to_arrow(), whole)
+    rows = np.array([7, 3, 3, len(arrays) - 1, 0])
+    assert_same_table(arrays.take(rows).to_arrow(), whole.take(rows))
+    both = FeatureArrays.concat([arrays.take(rows[:2]), arrays.take(rows[2:])])
+    assert_same_table(both.to_arrow(), whole.take(rows))
+    # The model's matrix: the DataFrame's float64 values, exactly.
+    aggregates = NARROW.aggregate_columns()
+    np.testing.assert_array_equal(arrays.matrix(aggregates), whole.to_pandas()[aggregates].to_numpy(dtype=np.float64))
+    empty = online_arrays(columns, utc(1990, 1, 1), NARROW)
+    assert len(empty) == 0 and empty.to_arrow().equals(output_schema(NARROW).empty_table())

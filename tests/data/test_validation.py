@@ -120,6 +120,14 @@ def _break(frame: pd.DataFrame, how: str) -> pd.DataFrame:
         frame.loc[5, "quantity"] = -2.0
     elif how == "future":
         frame.loc[5, "ts"] = pd.Timestamp("2030-01-01", tz="UTC")
+    elif how == "huge_amount":  # above uservalue.limits.AMOUNT_MAX, as the service refuses it
+        frame.loc[frame.index[frame["behavior"] == "buy"][0], "amount"] = 1.7e308
+    elif how == "control_in_user_id":
+        frame.loc[5, "user_id"] = "u\x1f1"
+    elif how == "long_user_id":
+        frame.loc[5, "user_id"] = "u" * 300
+    elif how == "before_1970":
+        frame.loc[5, "ts"] = pd.Timestamp("1969-12-31T23:59:59", tz="UTC")
     elif how == "duplicates":
         frame = pd.concat([frame, frame.iloc[:200]], ignore_index=True)
     elif how == "missing_column":
@@ -141,6 +149,10 @@ def test_control_frame_passes(clean_frame) -> None:
         ("amount_on_view", {}, 'expect_column_values_to_be_between(amount) where behavior!="buy"'),
         ("negative_quantity", {}, "expect_column_values_to_be_between(quantity)"),
         ("future", {"ts_max": None}, "expect_column_values_to_be_between(ts)"),
+        ("huge_amount", {}, "expect_column_values_to_be_between(amount)"),
+        ("control_in_user_id", {}, "expect_column_values_to_match_regex(user_id)"),
+        ("long_user_id", {}, "expect_column_value_lengths_to_be_between(user_id)"),
+        ("before_1970", {"ts_min": None}, "expect_column_values_to_be_between(ts)"),
         ("duplicates", {"max_duplicate_share": 0.01}, "expect_compound_columns_to_be_unique"),
         ("missing_column", {}, "expect_column_to_exist(quantity)"),
         ("none", {"min_users": 1000}, "expect_column_unique_value_count_to_be_between(user_id)"),

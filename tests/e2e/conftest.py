@@ -44,24 +44,29 @@ def run_in(repo: Path, *args: str, check: bool = True, env: dict[str, str] | Non
     return done
 
 
+def new_project(root: Path) -> Path:
+    """A copy of the project in a fresh git + DVC repository at `root`, set up as `make install` does
+    (`dvc plots show` uses the offline template)."""
+    for name in PROJECT_FILES:
+        source, target = REPO_ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(source, target)
+    run_in(root, "git", "init", "-q")
+    run_in(root, "dvc", "init", "-q")
+    for name in (".dvc/config", ".dvc/.gitignore"):
+        shutil.copy2(REPO_ROOT / name, root / name)
+    run_in(root, "uservalue", "offline-assets", "--dvc-template", ".dvc/plots-template.html")
+    run_in(root, "git", "add", "-A")
+    run_in(root, "git", "commit", "-qm", "project")
+    return root
+
+
 @pytest.fixture(scope="module")
 def make_project(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
-    def _make() -> Path:
-        root = tmp_path_factory.mktemp("project")
-        for name in PROJECT_FILES:
-            source, target = REPO_ROOT / name, root / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if source.is_dir():
-                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-            else:
-                shutil.copy2(source, target)
-        run_in(root, "git", "init", "-q")
-        run_in(root, "dvc", "init", "-q")
-        run_in(root, "git", "add", "-A")
-        run_in(root, "git", "commit", "-qm", "project")
-        return root
-
-    return _make
+    return lambda: new_project(tmp_path_factory.mktemp("project"))
 
 
 def set_param(repo: Path, section: str, key: str, value: object) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import run_in, set_param
+from tests.support.browser import coloured_share, dump_dom, missing_local_assets, remote_assets, screenshot
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +41,7 @@ def test_repro_builds_every_stage_on_cdnow(reproduced: Path) -> None:
     lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
     models = yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["models"]
     assert set(lock["stages"]) == {"ingest", "validate", "materialize", "featurize", "evaluate", "register", "package",
-                                   "monitor", *(f"train@{m}" for m in models)}
+                                   "monitor", "report", *(f"train@{m}" for m in models)}
     materialized = json.loads((reproduced / "reports/materialize.json").read_text())
     assert materialized["users"] == 23_570 and materialized["events"] == 69_659
     assert lock["stages"]["featurize"]["params"]["params.yaml"]["split"]["horizon_days"] == 273
@@ -69,9 +71,40 @@ def test_repro_trains_evaluates_and_registers_a_champion(reproduced: Path) -> No
     features_md5 = next(o["md5"] for o in lock["stages"]["featurize"]["outs"] if o["path"] == "data/features")
     assert client.get_run(champion.run_id).data.tags["dvc.data/features"] == features_md5
 
-    # `dvc plots show` renders the evaluation plots (one series per model).
+
+
+def test_dvc_plots_render_offline_in_a_browser(reproduced: Path, tmp_path: Path) -> None:
+    # The bare command (the template comes from .dvc/config): one series per model, drawn with no internet.
     run_in(reproduced, "dvc", "plots", "show", "-o", str(reproduced / "plots_html"))
-    assert (reproduced / "plots_html" / "index.html").is_file()
+    page = reproduced / "plots_html" / "index.html"
+    assert remote_assets(page.read_text()) == []
+    dom = dump_dom(page, tmp_path)
+    # Vega draws each chart as <svg class="marks">; the other <svg>s are its menu icons.
+    charts = re.findall(r'<svg[^>]*class="marks".*?</svg>', dom, flags=re.DOTALL)
+    assert len(charts) >= 2 and all("<path" in chart for chart in charts), dom[-3000:]
+    assert coloured_share(screenshot(page, tmp_path, "dvc-plots")) > 0.01  # lines on the page, not blank
+
+
+def test_report_page_shows_the_runs_figures_offline(reproduced: Path, tmp_path: Path) -> None:
+    page = reproduced / "reports" / "index.html"
+    html = page.read_text()
+    metrics = json.loads((reproduced / "reports/metrics.json").read_text())
+    registry = json.loads((reproduced / "reports/registry.json").read_text())
+    cells = {(model, metric): float(value) for model, metric, value in
+             re.findall(r'data-model="([^"]+)" data-metric="([^"]+)" data-value="([^"]+)"', html)}
+    assert cells == {(model, metric): value for model, scores in metrics["models"].items()
+                     for metric, value in scores.items()}
+    keys = dict(re.findall(r'data-key="([^"]+)"\s+data-value="([^"]*)"', html))
+    assert keys["metrics.champion"] == metrics["champion"]
+    assert keys["registry.alias"] == registry["decision"]["alias"]
+    assert keys["registry.candidate.version"] == str(registry["candidate"]["version"])
+    assert keys["registry.promote"] == str(registry["decision"]["promote"]).lower()
+    assert remote_assets(html) == [] and missing_local_assets(html, page) == []
+    local_links = [href for href in re.findall(r'<a href="([^"]+)"', html) if not href.startswith("http")]
+    assert len(local_links) == 2 and all((page.parent / href).is_file() for href in local_links)  # Data Docs, Evidently
+    dom = dump_dom(page, tmp_path)
+    assert dom.count("<svg") >= 2  # gains and calibration
+    assert coloured_share(screenshot(page, tmp_path, "report", size="1280,3000")) > 0.02
 
 
 def test_changing_one_model_reruns_only_its_branch(reproduced: Path) -> None:
@@ -81,9 +114,10 @@ def test_changing_one_model_reruns_only_its_branch(reproduced: Path) -> None:
     finally:
         (reproduced / "params.yaml").write_text(original)
     ran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage")}
-    # No other model retrains; package and monitor follow only if the registry record changed.
-    assert {"train@historical", "evaluate", "register"} <= ran <= {"train@historical", "evaluate", "register",
-                                                                   "package", "monitor"}, rerun.stdout
+    # No other model retrains; package and monitor follow only if the registry record changed; the report
+    # page shows the new metrics.
+    assert {"train@historical", "evaluate", "register", "report"} <= ran <= {
+        "train@historical", "evaluate", "register", "package", "monitor", "report"}, rerun.stdout
     run_in(reproduced, "dvc", "repro")  # back to the committed params
 
 

@@ -7,10 +7,6 @@ One small synthetic project runs the whole DVC pipeline (…, register, package,
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.e2e.conftest import free_port, run_in, set_param, tool_env, use_synthetic_data
+from tests.e2e.conftest import run_in, set_param
+from tests.support.serving import Server, build_served_project
 from uservalue.serving.prediction_log import read_prediction_log
 
 pytestmark = pytest.mark.slow
@@ -30,46 +27,8 @@ MAX_USERS = 60
 
 
 @pytest.fixture(scope="module")
-def project(make_project) -> Path:
-    root = make_project()
-    use_synthetic_data(root, ["linear"])
-    run_in(root, "dvc", "repro")
-    return root
-
-
-class Server:
-    def __init__(self, project: Path, log_dir: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_dir = log_dir
-        environment = tool_env(USERVALUE_PREDICTION_LOG_DIR=str(log_dir), USERVALUE_MAX_USERS=str(MAX_USERS),
-                               **env)
-        if "USERVALUE_API_KEY" not in env:
-            environment.pop("USERVALUE_API_KEY", None)  # a key in the developer's shell must not leak in
-        self.output = open(log_dir.parent / f"serve-{self.port}.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(["uservalue", "serve", "--port", str(self.port)], cwd=project,
-                                        env=environment, stdout=self.output, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, Path(self.output.name).read_text()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"service not ready:\n{Path(self.output.name).read_text()}")
-
-    def post(self, path: str, body: object, **headers: str) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=60)
-
-    def stop(self) -> int:
-        # SIGTERM, as a process manager stops it: the service must flush its prediction log.
-        os.killpg(self.process.pid, signal.SIGTERM)
-        code = self.process.wait(timeout=60)
-        self.output.close()
-        return code
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_served_project(tmp_path_factory.mktemp("served-project"))
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +164,27 @@ BAD_REQUESTS = {
                                    for i in range(MAX_USERS + 1)]}, 413, ["events"]),
     "too many ids": ({"user_ids": [f"u{i}" for i in range(MAX_USERS + 1)]}, 413, ["user_ids"]),
     "empty id": ({"user_ids": [""]}, 400, ["user_ids", 0]),
+    # The limits shared with the validation gate (uservalue.limits; issue 19).
+    "as_of past pandas' range": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "buy"}],
+                                  "as_of": "9999-12-31T00:00:00Z"}, 400, ["as_of"]),
+    "ts before pandas' range": ({"events": [{"user_id": "u", "ts": "1400-01-01", "behavior": "buy", "amount": 3}],
+                                 "as_of": "1500-01-01"}, 400, ["events", 0, "ts"]),
+    "ts in year 1": ({"events": [{"user_id": "a", "ts": "0001-01-01T00:00:00Z", "behavior": "buy"}]},
+                     400, ["events", 0, "ts"]),
+    "ts in the future": ({"events": [{"user_id": "a", "ts": "2999-01-01T00:00:00Z", "behavior": "buy"}]},
+                         400, ["events", 0, "ts"]),
+    "ts as a number": ({"events": [{"user_id": "a", "ts": 0, "behavior": "buy"}]}, 400, ["events", 0, "ts"]),
+    "absurd amount": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "buy", "amount": 1.7e308}]},
+                      400, ["events", 0, "amount"]),
+    "amount of a view": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "view", "amount": 999}]},
+                         400, ["events", 0, "amount"]),
+    "amount as a string": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "buy", "amount": "3"}]},
+                           400, ["events", 0, "amount"]),
+    "NUL in an id": ({"events": [{"user_id": "a\x00b", "ts": "1997-03-01", "behavior": "buy"}]},
+                     400, ["events", 0, "user_id"]),
+    "batch separator in an id": ({"user_ids": ["a\x1fb"]}, 400, ["user_ids", 0]),
+    "unknown top-level key": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "buy"}], "asof": "x"},
+                              400, ["asof"]),
 }
 
 
@@ -332,5 +312,12 @@ def test_api_key_is_required_when_set(project: Path, tmp_path: Path) -> None:
         assert keyed.post("/metadata", {}, Authorization="Bearer wrong").status_code == 401
         assert keyed.post("/metadata", {}, Authorization="Bearer s3cret-key").status_code == 200
         assert keyed.post("/metadata", {}, **{"X-API-Key": "s3cret-key"}).status_code == 200
+        # The scheme is case-insensitive (RFC 7235) and required: a bare key is refused.
+        assert keyed.post("/metadata", {}, Authorization="bearer s3cret-key").status_code == 200
+        assert keyed.post("/metadata", {}, Authorization="s3cret-key").status_code == 401
+        # Only the probes are open: /metrics tells the model's traffic.
+        assert httpx.get(f"{keyed.url}/livez").status_code == 200
+        assert httpx.get(f"{keyed.url}/metrics").status_code == 401
+        assert httpx.get(f"{keyed.url}/metrics", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
     finally:
         keyed.stop()

@@ -20,6 +20,8 @@ QUICK = {
                            "hidden": [16], "lr": 2e-3, "influence_rows": 256},
     "gru": {"encoder": "gru", "max_epochs": 1, "d_model": 16, "tower": 32, "hidden": [32], "lr": 2e-3,
             "influence_rows": 256},
+    "lstm": {"encoder": "lstm", "max_epochs": 1, "d_model": 16, "tower": 32, "hidden": [32], "lr": 2e-3,
+             "influence_rows": 256},
 }
 
 

@@ -7,16 +7,17 @@ import datetime as dt
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from tests.model.conftest import SYNTHETIC_SPLIT, build_feature_sets
 from uservalue.config import MonitorParams, SyntheticSource
-from uservalue.errors import InputError
-from uservalue.models.catalog import create_model
-from uservalue.models.base import FitContext
-from uservalue.lifecycle.monitor import drift_report, write_monitoring
 from uservalue.data.sources.synthetic import generate
+from uservalue.errors import InputError
+from uservalue.lifecycle.monitor import drift_report, write_monitoring
+from uservalue.models.base import FitContext
+from uservalue.models.catalog import create_model
 
 BEHAVIORS = ("view", "fav", "cart", "buy")
 
@@ -65,3 +66,19 @@ def test_missing_columns_and_tiny_windows_are_clear_errors(windows) -> None:
         drift_report(windows["reference"], windows["same"].drop(columns=["p_buy"]), MonitorParams())
     with pytest.raises(InputError, match="min_rows"):
         drift_report(windows["reference"], windows["same"].head(10), MonitorParams())
+
+
+def test_non_finite_values_are_left_out_and_counted_not_a_crash(windows) -> None:
+    """A prediction log that holds inf (an absurd amount overflowed float32 before the service's limits)
+    still gets a verdict; the rows left out are counted per column (issue 19)."""
+    current = windows["same"].copy()
+    current.loc[current.index[:3], "expected_value"] = np.inf
+    current.loc[current.index[:2], "monetary_sum"] = -np.inf
+    _snapshot, verdict = drift_report(windows["reference"], current, MonitorParams())
+    assert verdict["non_finite_rows"]["current"] == {"expected_value": 3, "monetary_sum": 2}
+    assert verdict["non_finite_rows"]["reference"] == {}
+    assert verdict["drift_detected"] is False
+    mostly_bad = windows["same"].head(150).copy()
+    mostly_bad.loc[mostly_bad.index[:100], "p_buy"] = np.inf
+    with pytest.raises(InputError, match=r"only 50 rows with finite values.*non-finite.*min_rows"):
+        drift_report(windows["reference"], mostly_bad, MonitorParams())

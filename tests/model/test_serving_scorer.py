@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from uservalue.models.catalog import create_model
 from uservalue.models.base import FitContext, ModelInfo
+from uservalue.models.catalog import create_model
 from uservalue.serving.batching import BatchingPredictor
 from uservalue.serving.prediction_log import PredictionLog, read_prediction_log
 from uservalue.serving.requests import Event, RequestError
@@ -69,7 +69,7 @@ def test_served_prediction_equals_the_pipeline_batch(served_model, synthetic_fea
 
 def test_a_user_without_history_before_as_of_is_a_client_error(served_model) -> None:
     scorer = Scorer(served_model, ModelInfo(name="user-value", version="1"), max_events=10, max_users=10)
-    late = Event(user_id="late", ts=dt.datetime(2030, 1, 1, tzinfo=dt.UTC), behavior="buy", amount=3.0)
+    late = Event(user_id="late", ts=dt.datetime(2020, 1, 1, tzinfo=dt.UTC), behavior="buy", amount=3.0)
     early = Event(user_id="early", ts=dt.datetime(1997, 1, 1, tzinfo=dt.UTC), behavior="view")
     with pytest.raises(RequestError) as caught:
         scorer.score([early, late], dt.datetime(1998, 1, 1, tzinfo=dt.UTC))
@@ -78,7 +78,8 @@ def test_a_user_without_history_before_as_of_is_a_client_error(served_model) -> 
 
 def _history(user: str, shift_days: int, behavior: str = "buy") -> list[Event]:
     first = dt.datetime(1997, 3, 1, tzinfo=dt.UTC) + dt.timedelta(days=shift_days)
-    return [Event(user_id=user, ts=first, behavior=behavior, amount=10.0 + shift_days),
+    # Only a purchase carries an amount (requests.Event refuses one on any other behaviour).
+    return [Event(user_id=user, ts=first, behavior=behavior, amount=10.0 + shift_days if behavior == "buy" else 0.0),
             Event(user_id=user, ts=first + dt.timedelta(days=40), behavior="buy", amount=25.0)]
 
 
@@ -92,7 +93,7 @@ def test_concurrent_requests_are_batched_and_each_gets_what_it_gets_alone(served
     bodies = [(_history("same", 3 * i, behaviors[i % len(behaviors)]) + _history(f"own-{i}", i), as_of)
               for i in range(6)]
     bodies.append((_history("same", 1), dt.datetime(1998, 2, 1, tzinfo=dt.UTC)))  # another as_of
-    late = [Event(user_id="late", ts=dt.datetime(2030, 1, 1, tzinfo=dt.UTC), behavior="buy", amount=1.0)]
+    late = [Event(user_id="late", ts=dt.datetime(2020, 1, 1, tzinfo=dt.UTC), behavior="buy", amount=1.0)]
     log = PredictionLog(tmp_path / "log", flush_records=10_000, flush_seconds=3600)
     predictor = BatchingPredictor(scorer, log)
 
@@ -169,3 +170,28 @@ def test_events_sent_with_an_id_count_for_that_request_only(served_model, synthe
     assert with_extra.scored["monetary_sum"].iloc[0] == plain.scored["monetary_sum"].iloc[0] + 500.0
     assert with_extra.scored["recency_days"].iloc[0] == pytest.approx(1 / 24)
     pd.testing.assert_frame_equal(again.scored, plain.scored)  # the store was not changed
+
+
+def test_log_rows_have_the_batch_paths_columns_and_types(served_model, synthetic_features, stored) -> None:
+    """The scorer builds the prediction log from arrays: the same columns, dtypes and numbers as
+    score_features on the same features (what the log held when the service scored DataFrames)."""
+    from uservalue.features.online import online_features
+
+    cutoff = dt.datetime.fromisoformat(synthetic_features.meta["splits"]["eval"][0]["cutoff"])
+    users = synthetic_features.eval["user_id"].iloc[::211].head(5).tolist()
+    scorer = Scorer(served_model, ModelInfo(name="user-value", version="4"), max_events=1000, max_users=50,
+                    store=stored)
+    request = scorer.prepare([], cutoff, user_ids=users)
+    batch = scorer.score_batch([request])
+    logged = scorer.log_frame(batch)
+
+    stored_events, _ = stored.get(users)
+    expected = score_features(served_model, online_features(stored_events, cutoff, served_model.spec).to_pandas())
+    assert list(logged.columns) == ["request_time", "request_id", "as_of", "model_name", "model_version",
+                                    *expected.columns, "horizon_days"]
+    pd.testing.assert_frame_equal(logged[list(expected.columns)], expected, check_exact=False, rtol=1e-6, atol=1e-9)
+    pd.testing.assert_frame_equal(batch.scored, expected, check_exact=False, rtol=1e-6, atol=1e-9)
+    assert str(logged["request_time"].dtype) == str(logged["as_of"].dtype) == "datetime64[ns, UTC]"
+    assert (logged["as_of"] == pd.Timestamp(cutoff)).all() and (logged["request_id"] == request.request_id).all()
+    assert (logged["request_time"] == pd.Timestamp(request.received)).all()
+    assert logged["horizon_days"].dtype == np.int64 and len(batch) == len(users)

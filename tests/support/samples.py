@@ -45,14 +45,21 @@ def missing_sample_reason() -> str:
 
 def write_generated_taobao_csv(folder: Path) -> Path:
     """A headerless Taobao UserBehavior CSV: a synthetic log with all four behaviours over the release's
-    days, exported in Taobao's layout, plus one event before and one after the release's window."""
+    days, exported in Taobao's layout, plus one event before and one after the release's window and
+    three same-second ties."""
     folder.mkdir(parents=True, exist_ok=True)
     events = folder / "generated_events.parquet"
     generate(GENERATED_TAOBAO, events, folder / "generated_truth")
     csv = folder / "taobao_generated.csv"
     export_taobao_csv(events, csv)
-    first_user, first_item, first_category, *_ = csv.read_text().split("\n", 1)[0].split(",")
+    rows = [line.split(",") for line in csv.read_text().splitlines()[:3]]
+    first_user, first_item, first_category, *_ = rows[0]
     with csv.open("a") as out:
         for ts in DIRT_TIMESTAMPS:
             out.write(f"{first_user},{first_item},{first_category},pv,{ts}\n")
+        # Same-second ties, as the real log has (a cart and a fav in the second of a view): the
+        # features' ordering of tied events must be the same in every engine.
+        for n, (user, item, category, behavior, ts) in enumerate(rows):
+            other = "cart" if behavior != "cart" else "fav"
+            out.write(f"{user},{int(item) + 1 + n},{category},{other},{ts}\n")
     return csv

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from uservalue.cli import data, lifecycle, online, ops
+from uservalue.cli import data, lifecycle, online, ops, reports
 
 app = typer.Typer(
     name="uservalue",
@@ -16,5 +16,5 @@ app = typer.Typer(
 )
 for command in (data.ingest, data.validate, online.materialize, data.featurize, data.generate,
                 lifecycle.train, lifecycle.evaluate, lifecycle.register, lifecycle.package, lifecycle.score,
-                lifecycle.monitor, ops.serve, ops.stage, ops.plan, ops.airflow):
+                lifecycle.monitor, reports.report, reports.offline_assets, ops.serve, ops.stage, ops.plan, ops.airflow):
     app.command()(command)

@@ -31,7 +31,7 @@ ModelsDirOption = Annotated[Path, typer.Option(help="Directory holding one train
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def path_option(default: str, help: str) -> Any:  # noqa: A002 - typer's name
+def path_option(default: str, help: str) -> Any:
     """A path option with its default and help on one line."""
     return typer.Option(Path(default), help=help)
 
@@ -90,14 +90,17 @@ def counting(progress: Progress, description: str, tables: Iterable[Any], total:
 
 def load(params: Path, overrides: dict[str, Any] | None = None) -> Any:
     """The validated params, with the options a command overrides (None: not given)."""
+    from uservalue import duck
     from uservalue.config import apply_overrides, load_params, parse_params
 
     loaded = load_params(params)
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
-    if not given:
-        return loaded
-    raw = apply_overrides(loaded.model_dump(mode="json", by_alias=True), given, str(params))
-    return parse_params(raw, f"{params} (with command-line overrides)")
+    if given:
+        raw = apply_overrides(loaded.model_dump(mode="json", by_alias=True), given, str(params))
+        loaded = parse_params(raw, f"{params} (with command-line overrides)")
+    # Every DuckDB connection of this command honours params `duckdb` (memory limit, spill folder).
+    duck.configure(**loaded.duckdb.model_dump())
+    return loaded
 
 
 def run_one(command: Callable[..., Any], args: list[str], prog_name: str) -> None:

@@ -67,18 +67,27 @@ def featurize(
     params: ParamsOption = Path("params.yaml"),
     events: Path = path_option("data/validated.parquet", "Validated canonical events."),
     out_dir: Path = path_option("data/features", "Directory for train.parquet, eval.parquet, meta.json."),
+    engine: Annotated[str | None, typer.Option(help="Override featurize.engine: duckdb | spark.")] = None,
 ) -> None:
-    """Build features and labels at the cutoffs of params `split` (definition: params `featurize`)."""
-    from uservalue.features.store import write_feature_sets
-
-    cfg = load(params)
+    """Build features and labels at the cutoffs of params `split` (definition: params `featurize`;
+    engine: `featurize.engine`, duckdb or spark on the session of params `spark`)."""
+    cfg = load(params, {"featurize.engine": engine})
+    engine = cfg.featurize.engine
     if not events.is_file():
         raise InputError(events, "file does not exist", expected="the output of `uservalue validate`")
     with progress_bar() as progress:
-        task = progress.add_task("featurize", total=None)
-        rows = write_feature_sets(events, cfg.split, cfg.featurize, cfg.data.behaviors, out_dir)
+        task = progress.add_task(f"featurize ({engine})", total=None)
+        if engine == "spark":
+            from uservalue.features.spark import write_feature_sets_spark
+
+            rows = write_feature_sets_spark(events, cfg.split, cfg.featurize, cfg.data.behaviors, out_dir,
+                                            cfg.spark)
+        else:
+            from uservalue.features.store import write_feature_sets
+
+            rows = write_feature_sets(events, cfg.split, cfg.featurize, cfg.data.behaviors, out_dir)
         progress.update(task, completed=sum(rows.values()), total=sum(rows.values()))
-    err.print("featurize: " + ", ".join(f"{k}={v:,} users" for k, v in rows.items()) + f" -> {out_dir}")
+    err.print(f"featurize ({engine}): " + ", ".join(f"{k}={v:,} users" for k, v in rows.items()) + f" -> {out_dir}")
 
 
 @reports_errors

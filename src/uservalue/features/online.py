@@ -3,6 +3,7 @@ per request); equal to build_features, proven by tests/data/test_online_features
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import math
@@ -15,10 +16,12 @@ import pandas as pd
 import pyarrow as pa
 
 from uservalue import duck
+from uservalue.features import buckets
 from uservalue.features.sql import SECONDS_PER_DAY, SEQUENCE_COLUMNS, FeatureSpec, _epoch
 from uservalue.schema import PURCHASE
 
 DAY = SECONDS_PER_DAY
+DEFAULT_SPEC = FeatureSpec()
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,8 @@ class EventColumns:
     item_id: np.ndarray  # object (str or None)
     category_id: np.ndarray  # object (str or None)
     amount: np.ndarray  # float64
-    item_hash: np.ndarray  # uint64: DuckDB's hash(item_id); 0 where item_id is null
-    category_hash: np.ndarray  # uint64: DuckDB's hash(category_id); 0 where category_id is null
+    item_hash: np.ndarray  # uint64: features.buckets' id_hash(item_id); 0 where item_id is null
+    category_hash: np.ndarray  # uint64: features.buckets' id_hash(category_id); 0 where category_id is null
 
     def __len__(self) -> int:
         return len(self.t)
@@ -45,21 +48,23 @@ class EventColumns:
 _EVENT_COLUMNS_SQL = """
     SELECT
         user_id, epoch(ts)::DOUBLE AS t, behavior, item_id, category_id, amount::DOUBLE AS amount,
-        CASE WHEN item_id IS NULL THEN 0 ELSE hash(item_id) END AS item_hash,
-        CASE WHEN category_id IS NULL THEN 0 ELSE hash(category_id) END AS category_hash
+        CASE WHEN item_id IS NULL THEN 0 ELSE {item_hash} END AS item_hash,
+        CASE WHEN category_id IS NULL THEN 0 ELSE {category_hash} END AS category_hash
     FROM {source}
 """
 
 
 def event_columns(table: pa.Table | pd.DataFrame, con: duckdb.DuckDBPyConnection | None = None) -> EventColumns:
-    """From the canonical events table (uservalue.schema.EVENTS_SCHEMA): `t` and the two hashes are
-    DuckDB's own `epoch(ts)` and `hash()`, in one query, so buckets match the SQL's bit for bit."""
+    """From the canonical events table (uservalue.schema.EVENTS_SCHEMA): `t` is DuckDB's own
+    `epoch(ts)` and the two hashes the SQL's bucket hash (features.buckets), in one query."""
     own = con is None
     con = con or duck.connect()
     name = "online_event_columns_input"
     try:
         con.register(name, table)
-        result = con.sql(_EVENT_COLUMNS_SQL.format(source=name)).to_arrow_table()
+        sql = _EVENT_COLUMNS_SQL.format(source=name, item_hash=buckets.duckdb_hash_sql("item_id"),
+                                        category_hash=buckets.duckdb_hash_sql("category_id"))
+        result = con.sql(sql).to_arrow_table()
     finally:
         con.unregister(name)
         if own:
@@ -78,6 +83,34 @@ def event_columns(table: pa.Table | pd.DataFrame, con: duckdb.DuckDBPyConnection
         amount=column("amount", np.float64),
         item_hash=column("item_hash", np.uint64),
         category_hash=column("category_hash", np.uint64),
+    )
+
+
+def epoch_seconds(micros: np.ndarray) -> np.ndarray:
+    """DuckDB's `epoch(ts)::DOUBLE` of microsecond timestamps, bit for bit: it is the whole
+    milliseconds / 1e3 plus the remaining microseconds / 1e6 (not micros / 1e6, which differs in
+    the last bit for about one timestamp in eight)."""
+    millis, micros_left = np.divmod(np.asarray(micros, dtype=np.int64), 1000)
+    return millis / 1e3 + micros_left / 1e6
+
+
+def events_to_columns(user_id: Sequence[str], ts_micros: Sequence[int], behavior: Sequence[str],
+                      item_id: Sequence[str | None], category_id: Sequence[str | None],
+                      amount: Sequence[float]) -> EventColumns:
+    """event_columns of a few events given as values (a request's): the same numbers without a
+    query (DuckDB's fixed cost per query is milliseconds), `t` computed as DuckDB's epoch() and the
+    hashes by features.buckets in Python."""
+    items = np.array(item_id, dtype=object)
+    categories = np.array(category_id, dtype=object)
+    return EventColumns(
+        user_id=np.array(user_id, dtype=object),
+        t=epoch_seconds(np.asarray(ts_micros, dtype=np.int64)),
+        behavior=np.array(behavior, dtype=object),
+        item_id=items,
+        category_id=categories,
+        amount=np.asarray(amount, dtype=np.float64),
+        item_hash=buckets.hash_values(items),
+        category_hash=buckets.hash_values(categories),
     )
 
 
@@ -140,7 +173,8 @@ def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         codes, uniques = pd.factorize(values, sort=False)
         return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=object)
     index: dict = {}
-    codes = np.fromiter((-1 if v is None or v != v else index.setdefault(v, len(index)) for v in values),
+    codes = np.fromiter((-1 if v is None or v != v else  # noqa: PLR0124 (v != v: NaN)
+                          index.setdefault(v, len(index)) for v in values),
                         np.int64, len(values))
     return codes, np.array(list(index), dtype=object)
 
@@ -264,14 +298,104 @@ def _bucket(hashes: np.ndarray, null: np.ndarray, buckets: int) -> np.ndarray:
     return np.where(null, 0, hashes % np.uint64(buckets) + np.uint64(1)).astype(np.int32)
 
 
-def online_features(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = FeatureSpec()) -> pa.Table:
+@dataclass(frozen=True)
+class FeatureArrays:
+    """online_features' rows as numpy arrays, before any Arrow or pandas: what the service hands to
+    a model's fast path (ValueModel.predict_arrays). `to_arrow()` is exactly online_features."""
+
+    spec: FeatureSpec
+    user_id: np.ndarray  # object (str) [U]
+    cutoff_us: np.ndarray  # int64 [U]: the cutoff, epoch microseconds
+    aggregates: dict[str, np.ndarray]  # spec.aggregate_columns(), each [U] in output_schema's type
+    offsets: np.ndarray  # int64 [U + 1]: row i's sequence elements are [offsets[i], offsets[i + 1])
+    sequences: dict[str, np.ndarray]  # SEQUENCE_COLUMNS, each the flat elements in output_schema's type
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Sequence elements per row (each row keeps at most spec.sequence_length)."""
+        return np.diff(self.offsets)
+
+    def matrix(self, columns: Sequence[str]) -> np.ndarray:
+        """The named aggregate columns as one float64 [U, len(columns)] matrix (what the SQL's
+        values become in a float64 DataFrame: integers exactly, floats as they are)."""
+        out = np.empty((len(self), len(columns)), dtype=np.float64)
+        for j, column in enumerate(columns):
+            out[:, j] = self.aggregates[column]
+        return out
+
+    def with_user_ids(self, user_id: np.ndarray) -> FeatureArrays:
+        return dataclasses.replace(self, user_id=user_id)
+
+    def take(self, rows: np.ndarray) -> FeatureArrays:
+        """The rows at `rows` (positions), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.lengths[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        elements = np.repeat(self.offsets[rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return FeatureArrays(self.spec, self.user_id[rows], self.cutoff_us[rows],
+                             {c: v[rows] for c, v in self.aggregates.items()}, offsets,
+                             {c: v[elements] for c, v in self.sequences.items()})
+
+    @staticmethod
+    def concat(parts: Sequence[FeatureArrays]) -> FeatureArrays:
+        """The rows of every part, in order (all parts of one spec)."""
+        if len(parts) == 1:
+            return parts[0]
+        lengths = np.concatenate([p.lengths for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        first = parts[0]
+        return FeatureArrays(
+            first.spec, np.concatenate([p.user_id for p in parts]), np.concatenate([p.cutoff_us for p in parts]),
+            {c: np.concatenate([p.aggregates[c] for p in parts]) for c in first.aggregates}, offsets,
+            {c: np.concatenate([p.sequences[c] for p in parts]) for c in first.sequences})
+
+    def to_arrow(self) -> pa.Table:
+        """The rows as build_features returns them (the same schema)."""
+        schema = output_schema(self.spec)
+        U = len(self)
+        arrays = {"user_id": pa.array(self.user_id, pa.string()),
+                  "cutoff": pa.array(self.cutoff_us, schema.field("cutoff").type)}
+        # One array per numeric type, sliced into columns (cheaper than an array per column).
+        for dtype, names in _aggregate_blocks(self.spec):
+            block = pa.array(np.concatenate([np.asarray(self.aggregates[c], dtype=dtype) for c in names]))
+            arrays.update((c, block.slice(j * U, U)) for j, c in enumerate(names))
+        offsets_array = pa.array(self.offsets.astype(np.int32))
+        arrays.update((c, pa.ListArray.from_arrays(offsets_array, pa.array(self.sequences[c]),
+                                                   type=schema.field(c).type))
+                      for c in SEQUENCE_COLUMNS)
+        return pa.Table.from_arrays([arrays[c] for c in schema.names], schema=schema)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The rows as the batch path's DataFrame (build_features(...).to_pandas())."""
+        return self.to_arrow().to_pandas()
+
+
+def _empty_arrays(spec: FeatureSpec) -> FeatureArrays:
+    schema = output_schema(spec)
+    return FeatureArrays(
+        spec, np.empty(0, dtype=object), np.empty(0, dtype=np.int64),
+        {c: np.empty(0, dtype=schema.field(c).type.to_pandas_dtype()) for c in spec.aggregate_columns()},
+        np.zeros(1, dtype=np.int64),
+        {c: np.empty(0, dtype=schema.field(c).type.value_type.to_pandas_dtype()) for c in SEQUENCE_COLUMNS})
+
+
+def online_features(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = DEFAULT_SPEC) -> pa.Table:
     """Exactly build_features(<events as a table>, as_of, spec): one row per user with an event
     before `as_of`, sorted by user_id, the same columns and Arrow types."""
+    return online_arrays(events, as_of, spec).to_arrow()
+
+
+def online_arrays(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = DEFAULT_SPEC) -> FeatureArrays:
+    """online_features' rows as numpy arrays (FeatureArrays), without building the Arrow table."""
     T = _epoch(as_of)
-    schema = output_schema(spec)
     coded = _code(events, T)
     if coded is None:
-        return schema.empty_table()
+        return _empty_arrays(spec)
     ev, item_hash, category_hash, users = coded
     order = _window_order(ev)
     u, t, amount = ev.user[order], ev.t[order], ev.amount[order]
@@ -350,13 +474,7 @@ def online_features(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec 
         "seq_log_amount": _log_f32(1 + amount[keep]),
     }
 
-    # Arrow: one array per numeric type, sliced into columns (cheaper than an array per column).
-    arrays = {"user_id": pa.array(users, pa.string()),
-              "cutoff": pa.array(np.full(U, int(T * 1_000_000), dtype=np.int64), schema.field("cutoff").type)}
-    for dtype, names in _aggregate_blocks(spec):
-        block = pa.array(np.concatenate([np.asarray(cols[c], dtype=dtype) for c in names]))
-        arrays.update((c, block.slice(j * U, U)) for j, c in enumerate(names))
-    offsets_array = pa.array(offsets.astype(np.int32))
-    arrays.update((c, pa.ListArray.from_arrays(offsets_array, pa.array(sequences[c]), type=schema.field(c).type))
-                  for c in SEQUENCE_COLUMNS)
-    return pa.Table.from_arrays([arrays[c] for c in schema.names], schema=schema)
+    blocks = {c: dtype for dtype, names in _aggregate_blocks(spec) for c in names}
+    return FeatureArrays(spec, users, np.full(U, int(T * 1_000_000), dtype=np.int64),
+                         {c: np.asarray(cols[c], dtype=blocks[c]) for c in spec.aggregate_columns()},
+                         offsets, sequences)

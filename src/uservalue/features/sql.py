@@ -1,10 +1,12 @@
 """The one feature definition: per-user aggregates and last-L behaviour sequences from events < T,
-labels from [T, T + horizon); one SQL statement (DuckDB) for training, scoring and the service."""
+labels from [T, T + horizon); one SQL statement for training, scoring and the service, run by DuckDB
+(and by Spark SQL through the small `Dialect` layer below: features.spark)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pyarrow as pa
 from uservalue import duck
 from uservalue.config import FeaturizeParams
 from uservalue.duck import sql_string
+from uservalue.features import buckets
 from uservalue.schema import DEFAULT_BEHAVIORS, PURCHASE
 
 # build_features reads DuckDB's result as an Arrow stream on purpose (see there); the "extra copy"
@@ -78,33 +81,103 @@ def _epoch(cutoff: dt.datetime) -> float:
     return cutoff.timestamp()
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """The few places where DuckDB SQL and Spark SQL differ. Everything else in feature_sql is written
+    once, in SQL both engines parse alike: CAST(...), FILTER (WHERE ...), IS DISTINCT FROM, named
+    windows and an explicit NULLS LAST (Spark sorts nulls first by default, DuckDB last)."""
+
+    name: str
+    epoch: Callable[[str], str]  # epoch seconds (DOUBLE) of a TIMESTAMPTZ column, bit for bit DuckDB's
+    number: Callable[[float], str]  # a DOUBLE literal (Spark reads a bare 1.5 as a DECIMAL)
+    timestamp_micros: Callable[[int], str]  # TIMESTAMPTZ from epoch microseconds
+    bucket: Callable[[str, int], str]  # features.buckets: the same hash in every engine
+    # The ordered list aggregate: a list of structs (name, expression) ordered by an integer key.
+    # Spark has no ORDER BY inside aggregates: it sorts collected structs that lead with the key.
+    ordered_structs: Callable[[list[tuple[str, str]], str], str]
+    field_list: Callable[[str, str], str]  # the list of one field of each struct of a list column
+    materialized: str  # CTE hint: DuckDB computes the shared sort once; Spark has no such keyword
+    uint8: str  # SQL type stored as Arrow uint8 (Spark has no unsigned types: cast on the way out)
+
+
+def _duckdb_structs(fields: list[tuple[str, str]], key: str) -> str:
+    return "list({" + ", ".join(f"'{name}': {expr}" for name, expr in fields) + f"}} ORDER BY {key})"
+
+
+def _spark_structs(fields: list[tuple[str, str]], key: str) -> str:
+    # sort_array orders structs field by field: the unique key first makes it the order.
+    pairs = ", ".join(f"'{name}', {expr}" for name, expr in fields)
+    return f"sort_array(collect_list(named_struct('order_key', {key}, {pairs})))"
+
+
+def _spark_epoch(column: str) -> str:
+    # DuckDB's epoch(ts) is whole milliseconds / 1e3 + the remaining microseconds / 1e6 (measured
+    # bit for bit; not micros / 1e6): the same two correctly rounded divisions in Spark, floored.
+    micros = f"unix_micros({column})"
+    return (f"(CAST(({micros} - pmod({micros}, 1000)) div 1000 AS DOUBLE) / 1000.0D "
+            f"+ CAST(pmod({micros}, 1000) AS DOUBLE) / 1000000.0D)")
+
+
+def _spark_number(value: float) -> str:
+    text = repr(float(value))
+    return f"{text}D" if text.replace(".", "").lstrip("-").isdigit() else f"CAST('{text}' AS DOUBLE)"
+
+
+DUCKDB = Dialect(
+    name="duckdb",
+    epoch=lambda column: f"epoch({column})",
+    number=lambda value: repr(float(value)),
+    timestamp_micros=lambda micros: f"make_timestamptz({micros})",
+    bucket=buckets.duckdb_bucket_sql,
+    ordered_structs=_duckdb_structs,
+    field_list=lambda column, field: f"list_transform({column}, lambda e: e.{field})",
+    materialized="MATERIALIZED ",
+    uint8="UTINYINT",
+)
+SPARK = Dialect(
+    name="spark",
+    epoch=_spark_epoch,
+    number=_spark_number,
+    timestamp_micros=lambda micros: f"timestamp_micros({micros})",
+    bucket=buckets.spark_bucket_sql,
+    ordered_structs=_spark_structs,
+    field_list=lambda column, field: f"transform({column}, e -> e.{field})",
+    materialized="",
+    uint8="TINYINT",
+)
+
+
 def feature_sql(
     source: str,
     cutoff: dt.datetime,
     spec: FeatureSpec,
     label_end: dt.datetime | None = None,
+    dialect: Dialect = DUCKDB,
 ) -> str:
     """SQL for the feature rows at `cutoff` over the relation `source` (canonical events).
 
     Labels are added when `label_end` is given: value and purchases in [cutoff, label_end).
-    The population is every user with at least one event before the cutoff.
+    The population is every user with at least one event before the cutoff. `dialect` picks the
+    engine (DuckDB, or Spark SQL for features.spark); the definition itself is this one text.
     """
     T = _epoch(cutoff)
-    day = SECONDS_PER_DAY
+    num = dialect.number
+    day = num(SECONDS_PER_DAY)
     buy = sql_string(PURCHASE)
     per_behavior = []
     for b in spec.behaviors:
         is_b = f"behavior = {sql_string(b)}"
         per_behavior.append(f"count(*) FILTER (WHERE {is_b}) AS {b}_count")
         for w in spec.windows_days:
-            per_behavior.append(f"count(*) FILTER (WHERE {is_b} AND t >= {T - w * day}) AS {b}_count_{w}d")
+            per_behavior.append(
+                f"count(*) FILTER (WHERE {is_b} AND t >= {num(T - w * SECONDS_PER_DAY)}) AS {b}_count_{w}d")
         # Never seen: as old as the user's whole history (keeps the column numeric and monotone).
         per_behavior.append(
-            f"coalesce(({T} - max(t) FILTER (WHERE {is_b})) / {day}, ({T} - min(t)) / {day}) "
+            f"coalesce(({num(T)} - max(t) FILTER (WHERE {is_b})) / {day}, ({num(T)} - min(t)) / {day}) "
             f"AS {b}_recency_days"
         )
     monetary_windows = [
-        f"coalesce(sum(amount) FILTER (WHERE behavior = {buy} AND t >= {T - w * day}), 0) "
+        f"coalesce(sum(amount) FILTER (WHERE behavior = {buy} AND t >= {num(T - w * SECONDS_PER_DAY)}), 0) "
         f"AS monetary_sum_{w}d"
         for w in spec.windows_days
     ]
@@ -112,6 +185,14 @@ def feature_sql(
         f"WHEN {sql_string(b)} THEN {i}" for i, b in enumerate(spec.behaviors, start=1)
     ) + " ELSE 0 END"
     L = spec.sequence_length
+    sequence_fields = [
+        ("behavior", f"CAST(({behavior_id}) AS {dialect.uint8})"),
+        ("category", f"CAST({dialect.bucket('category_id', spec.category_buckets)} AS INTEGER)"),
+        ("item", f"CAST({dialect.bucket('item_id', spec.item_buckets)} AS INTEGER)"),
+        ("log_age_days", f"CAST(ln(1 + ({num(T)} - t) / {day}) AS FLOAT)"),
+        ("log_gap_days", f"CAST(ln(1 + coalesce(gap, 0) / {day}) AS FLOAT)"),
+        ("log_amount", "CAST(ln(1 + amount) AS FLOAT)"),
+    ]
     labels_cte = labels_join = labels_select = ""
     if label_end is not None:
         E = _epoch(label_end)
@@ -119,22 +200,22 @@ def feature_sql(
         labels AS (
             SELECT user_id, sum(amount) AS value, count(*) AS n_purchases
             FROM {source}
-            WHERE behavior = {buy} AND epoch(ts) >= {T} AND epoch(ts) < {E}
+            WHERE behavior = {buy} AND {dialect.epoch('ts')} >= {num(T)} AND {dialect.epoch('ts')} < {num(E)}
             GROUP BY user_id
         )"""
         labels_join = "LEFT JOIN labels USING (user_id)"
         labels_select = """,
-            coalesce(labels.value, 0)::DOUBLE AS value,
-            coalesce(labels.n_purchases, 0)::INTEGER AS n_purchases,
+            CAST(coalesce(labels.value, 0) AS DOUBLE) AS value,
+            CAST(coalesce(labels.n_purchases, 0) AS INTEGER) AS n_purchases,
             coalesce(labels.n_purchases, 0) > 0 AS bought"""
     return f"""
         WITH ev AS (
-            SELECT user_id, epoch(ts) AS t, behavior, item_id, category_id, amount
+            SELECT user_id, {dialect.epoch('ts')} AS t, behavior, item_id, category_id, amount
             FROM {source}
-            WHERE epoch(ts) < {T}
+            WHERE {dialect.epoch('ts')} < {num(T)}
         ),
         -- One sort of each user's history serves the sequences, gaps and active days.
-        numbered AS MATERIALIZED (
+        numbered AS {dialect.materialized}(
             SELECT
                 user_id, t, behavior, item_id, category_id, amount,
                 t - lag(t) OVER w AS gap,
@@ -142,11 +223,13 @@ def feature_sql(
                 row_number() OVER w AS k,
                 count(*) OVER (PARTITION BY user_id) AS n
             FROM ev
-            WINDOW w AS (PARTITION BY user_id ORDER BY t, behavior, item_id, category_id, amount)
+            WINDOW w AS (PARTITION BY user_id ORDER BY t, behavior NULLS LAST, item_id NULLS LAST,
+                         category_id NULLS LAST, amount NULLS LAST)
         ),
         -- Distinct counts as DISTINCT subqueries: much cheaper than count(DISTINCT) per group.
         diversity AS (
-            SELECT user_id, count(category_id)::INTEGER AS n_categories, count(item_id)::INTEGER AS n_items
+            SELECT user_id, CAST(count(category_id) AS INTEGER) AS n_categories,
+                   CAST(count(item_id) AS INTEGER) AS n_items
             FROM (
                 SELECT user_id, category_id, NULL AS item_id FROM (SELECT DISTINCT user_id, category_id FROM ev)
                 UNION ALL
@@ -157,23 +240,23 @@ def feature_sql(
         totals AS (
             SELECT
                 user_id,
-                count(*)::INTEGER AS n_events,
-                ({T} - max(t)) / {day} AS recency_days,
-                ({T} - min(t)) / {day} AS tenure_days,
-                count(*) FILTER (WHERE new_day)::INTEGER AS active_days,
+                CAST(count(*) AS INTEGER) AS n_events,
+                ({num(T)} - max(t)) / {day} AS recency_days,
+                ({num(T)} - min(t)) / {day} AS tenure_days,
+                CAST(count(*) FILTER (WHERE new_day) AS INTEGER) AS active_days,
                 CASE WHEN count(*) > 1 THEN (max(t) - min(t)) / {day} / (count(*) - 1)
-                     ELSE ({T} - min(t)) / {day} END AS mean_gap_days,
+                     ELSE ({num(T)} - min(t)) / {day} END AS mean_gap_days,
                 {", ".join(per_behavior)},
                 coalesce(sum(amount) FILTER (WHERE behavior = {buy}), 0) AS monetary_sum,
                 coalesce(avg(amount) FILTER (WHERE behavior = {buy}), 0) AS monetary_mean,
                 coalesce(max(amount) FILTER (WHERE behavior = {buy}), 0) AS monetary_max,
                 {", ".join(monetary_windows)},
-                count(DISTINCT floor(t / {day})) FILTER (WHERE behavior = {buy})::INTEGER AS purchase_days,
-                greatest(count(DISTINCT floor(t / {day})) FILTER (WHERE behavior = {buy}) - 1, 0)::INTEGER
+                CAST(count(DISTINCT floor(t / {day})) FILTER (WHERE behavior = {buy}) AS INTEGER) AS purchase_days,
+                CAST(greatest(count(DISTINCT floor(t / {day})) FILTER (WHERE behavior = {buy}) - 1, 0) AS INTEGER)
                     AS btyd_frequency,
                 coalesce((max(t) FILTER (WHERE behavior = {buy}) - min(t) FILTER (WHERE behavior = {buy}))
                     / {day}, 0) AS btyd_recency_days,
-                coalesce(({T} - min(t) FILTER (WHERE behavior = {buy})) / {day}, 0) AS btyd_age_days
+                coalesce(({num(T)} - min(t) FILTER (WHERE behavior = {buy})) / {day}, 0) AS btyd_age_days
             FROM numbered
             GROUP BY user_id
         ),
@@ -182,18 +265,7 @@ def feature_sql(
         ),
         -- One ordered aggregate of structs, unpacked below: a single sort instead of one per list.
         sequence_events AS (
-            SELECT
-                user_id,
-                list({{
-                    'behavior': ({behavior_id})::UTINYINT,
-                    'category': (CASE WHEN category_id IS NULL THEN 0
-                                 ELSE hash(category_id) % {spec.category_buckets} + 1 END)::INTEGER,
-                    'item': (CASE WHEN item_id IS NULL THEN 0
-                             ELSE hash(item_id) % {spec.item_buckets} + 1 END)::INTEGER,
-                    'log_age_days': ln(1 + ({T} - t) / {day})::FLOAT,
-                    'log_gap_days': ln(1 + coalesce(gap, 0) / {day})::FLOAT,
-                    'log_amount': ln(1 + amount)::FLOAT
-                }} ORDER BY k) AS last_events
+            SELECT user_id, {dialect.ordered_structs(sequence_fields, 'k')} AS last_events
             FROM numbered
             WHERE k > n - {L}
             GROUP BY user_id
@@ -201,18 +273,34 @@ def feature_sql(
         sequences AS (
             SELECT
                 user_id,
-                {", ".join(f"list_transform(last_events, lambda e: e.{c.removeprefix('seq_')}) AS {c}" for c in SEQUENCE_COLUMNS)}
+                {", ".join(f"{dialect.field_list('last_events', c.removeprefix('seq_'))} AS {c}" for c in SEQUENCE_COLUMNS)}
             FROM sequence_events
         ){labels_cte}
         SELECT
             aggregates.user_id,
-            make_timestamptz({int(T * 1_000_000)}) AS cutoff,
+            {dialect.timestamp_micros(int(T * 1_000_000))} AS cutoff,
             {", ".join(f"aggregates.{c}" for c in spec.aggregate_columns())},
             {", ".join(f"sequences.{c}" for c in SEQUENCE_COLUMNS)}{labels_select}
         FROM aggregates
         JOIN sequences USING (user_id)
         {labels_join}
     """
+
+
+def feature_sets_sql(
+    source: str,
+    windows: list[tuple[dt.datetime, dt.datetime]],
+    spec: FeatureSpec,
+    dialect: Dialect = DUCKDB,
+) -> str:
+    """One split's rows: the features and labels at each (cutoff, label end), with `label_days`
+    (the label window's length), sorted by cutoff then user: what the featurize stage writes."""
+    parts = [
+        f"SELECT *, CAST({dialect.number((end - cutoff).total_seconds() / SECONDS_PER_DAY)} AS DOUBLE) "
+        f"AS label_days FROM ({feature_sql(source, cutoff, spec, end, dialect)})"
+        for cutoff, end in windows
+    ]
+    return f"{' UNION ALL '.join(parts)} ORDER BY cutoff, user_id"
 
 
 def connect(params: FeaturizeParams | None = None) -> duckdb.DuckDBPyConnection:

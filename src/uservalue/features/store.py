@@ -4,9 +4,12 @@ one reader, so every later stage sees the same split and spec)."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from uservalue.config import FeaturizeParams, SplitParams
@@ -68,6 +71,21 @@ def label_windows(split: SplitParams) -> dict[str, list[tuple[dt.datetime, dt.da
     }
 
 
+def feature_meta(spec: FeatureSpec, horizon_days: int, windows: dict[str, list[tuple[dt.datetime, dt.datetime]]],
+                 rows: dict[str, int]) -> FeatureMeta:
+    """meta.json of feature sets written for `windows` (split name -> (cutoff, label end)), by any engine."""
+    return FeatureMeta(
+        spec=spec,
+        aggregate_columns=spec.aggregate_columns(),
+        sequence_columns=list(SEQUENCE_COLUMNS),
+        label_columns=[*LABEL_COLUMNS, "label_days"],
+        behavior_ids={b: i for i, b in enumerate(spec.behaviors, start=1)},
+        horizon_days=horizon_days,
+        splits={name: [Window(cutoff=c, label_end=e) for c, e in cutoffs] for name, cutoffs in windows.items()},
+        rows=rows,
+    )
+
+
 def write_feature_sets(
     events: str | Path,
     split: SplitParams,
@@ -97,17 +115,7 @@ def write_feature_sets(
                     f"TO {sql_string(str(target))} (FORMAT PARQUET, COMPRESSION ZSTD)"
                 )
                 rows[name] = con.execute(f"SELECT count(*) FROM read_parquet({sql_string(str(target))})").fetchone()[0]
-            meta = FeatureMeta(
-                spec=spec,
-                aggregate_columns=spec.aggregate_columns(),
-                sequence_columns=list(SEQUENCE_COLUMNS),
-                label_columns=[*LABEL_COLUMNS, "label_days"],
-                behavior_ids={b: i for i, b in enumerate(spec.behaviors, start=1)},
-                horizon_days=split.horizon_days,
-                splits={name: [Window(cutoff=c, label_end=e) for c, e in cutoffs] for name, cutoffs in windows.items()},
-                rows=rows,
-            )
-            write_meta(tmp, meta)
+            write_meta(tmp, feature_meta(spec, split.horizon_days, windows, rows))
     finally:
         con.close()
     return rows
@@ -129,8 +137,22 @@ def read_meta(features_dir: str | Path) -> FeatureMeta:
                          expected="meta.json as written by the featurize stage (re-run `dvc repro featurize`)") from None
 
 
-def read_features(features_dir: str | Path, split: str) -> pd.DataFrame:
+def _features_path(features_dir: str | Path, split: str) -> Path:
     path = Path(features_dir) / f"{split}.parquet"
     if not path.is_file():
         raise InputError(path, f"{split} features are missing", expected="the featurize stage's output")
-    return pd.read_parquet(path)
+    return path
+
+
+def read_features(features_dir: str | Path, split: str, *, users: Sequence[str] | None = None) -> pd.DataFrame:
+    """A feature set; with `users`, only their rows (in file order), filtered while reading, so a sample
+    never costs the memory of the whole set."""
+    path = _features_path(features_dir, split)
+    if users is None:
+        return pd.read_parquet(path)
+    return pd.read_parquet(path, filters=[("user_id", "in", list(users))])
+
+
+def feature_user_ids(features_dir: str | Path, split: str) -> np.ndarray:
+    """The user of every row of a feature set (one column read, not the set)."""
+    return pq.read_table(_features_path(features_dir, split), columns=["user_id"]).column("user_id").to_numpy()

@@ -7,6 +7,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from uservalue.config import MonitorParams
@@ -25,19 +26,40 @@ def _columns(frame: pd.DataFrame, cfg: MonitorParams, name: str) -> list[str]:
     return wanted
 
 
+def finite_window(frame: pd.DataFrame, columns: list[str], name: str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows whose monitored columns are finite numbers, and per column how many rows were not (a value
+    outside float range, e.g. an absurd amount logged before the service's limits, must not stop the
+    monitor: it is counted in the verdict). A column that is not numeric is an InputError naming it."""
+    values = {}
+    for column in columns:
+        converted = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+        if converted.isna().all() and frame[column].notna().any():
+            raise InputError(name, f"column {column!r} is not numeric", column=column, expected="numbers")
+        values[column] = converted
+    data = pd.DataFrame(values, index=frame.index)
+    finite = np.isfinite(data.to_numpy())
+    dropped = {c: int((~finite[:, i]).sum()) for i, c in enumerate(columns) if not finite[:, i].all()}
+    return data[finite.all(axis=1)], dropped
+
+
 def drift_report(reference: pd.DataFrame, current: pd.DataFrame, cfg: MonitorParams) -> tuple[Any, dict[str, Any]]:
-    """(Evidently snapshot, verdict) for two windows of predictions and features."""
+    """(Evidently snapshot, verdict) for two windows of predictions and features; rows with a non-finite
+    monitored value are left out of both windows and counted under `non_finite_rows`."""
     from evidently import Report
     from evidently.presets import DataDriftPreset
 
     columns = _columns(reference, cfg, "reference")
     _columns(current, cfg, "current")
+    reference, reference_dropped = finite_window(reference, columns, "reference")
+    current, current_dropped = finite_window(current, columns, "current")
     if len(current) < cfg.min_rows:
-        raise InputError("current", f"only {len(current)} rows", expected=f"at least monitor.min_rows={cfg.min_rows}")
+        left_out = f" ({sum(current_dropped.values())} non-finite values left out: {current_dropped})" \
+            if current_dropped else ""
+        raise InputError("current", f"only {len(current)} rows with finite values{left_out}",
+                         expected=f"at least monitor.min_rows={cfg.min_rows}")
     preset = DataDriftPreset(columns=columns, drift_share=cfg.drift_share, num_method=cfg.method,
                              num_threshold=cfg.column_threshold, include_tests=False)
-    snapshot = Report([preset]).run(current_data=current[columns].astype("float64"),
-                                    reference_data=reference[columns].astype("float64"))
+    snapshot = Report([preset]).run(current_data=current, reference_data=reference)
     per_column: dict[str, dict[str, Any]] = {}
     for metric in snapshot.dict()["metrics"]:
         config = metric["config"]
@@ -58,6 +80,7 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, cfg: MonitorPar
         "drifted_columns": drifted,
         "prediction_drift": prediction_drift,
         "columns": per_column,
+        "non_finite_rows": {"reference": reference_dropped, "current": current_dropped},
         "thresholds": {"method": cfg.method, "column_threshold": cfg.column_threshold, "drift_share": cfg.drift_share},
     }
     return snapshot, verdict
@@ -137,12 +160,13 @@ def run_monitor(ctx: StageContext, events: str | Path, features_dir: str | Path,
                       "rows": len(reference)},
         "current": current_meta,
     }
-    ctx.tracking()
+    tracking.fail_orphan_runs(ctx.tracking())
     with mlflow.start_run(run_name="monitor") as run:
         verdict["mlflow_run_id"] = run.info.run_id
         html = write_monitoring(snapshot, verdict, out_dir, now)
         mlflow.set_tags({"stage": "monitor", "model_version": info.version, "current_source": current_meta["source"],
-                         "drift_detected": str(verdict["drift_detected"]).lower(), **tracking.run_context_tags()})
+                         "drift_detected": str(verdict["drift_detected"]).lower(), **tracking.run_context_tags(),
+                         **tracking.process_tags()})
         mlflow.log_metrics({"drift_detected": float(verdict["drift_detected"]),
                             "drifted_share": verdict["drifted_share"],
                             **{f"drift_{c}": row["score"] for c, row in verdict["columns"].items()}})

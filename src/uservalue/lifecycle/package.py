@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,12 +99,52 @@ def check_bentofile(path: Path) -> None:
         raise InputError(path, "no service to build", column="service", expected="service: <module>:<Service class>")
 
 
+def clean_build_debris(home: Path) -> list[Path]:
+    """Remove what killed builds left in `<home>/tmp/` (BentoML's build folder; only `bentoml build` uses
+    it, and the package stage runs one at a time under DVC's lock); the paths removed."""
+    tmp = home / "tmp"
+    removed = []
+    for entry in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def prune_bentos(name: str, keep: int, current: str) -> list[str]:
+    """Delete all but the newest `keep` Bentos called `name` (never `current`), then the models of the
+    same name that no kept Bento uses; the tags deleted."""
+    import bentoml
+
+    try:
+        bentos = sorted(bentoml.bentos.list(name), key=lambda b: b.info.creation_time, reverse=True)
+    except bentoml.exceptions.NotFound:
+        return []
+    kept = [b for b in bentos if str(b.tag) == current] + [b for b in bentos if str(b.tag) != current]
+    kept, old = kept[:max(keep, 1)], kept[max(keep, 1):]
+    deleted = []
+    for bento in old:
+        bentoml.bentos.delete(str(bento.tag))
+        deleted.append(str(bento.tag))
+    used = {str(m.tag) for b in kept for m in b.info.all_models}
+    model_name = next((str(m.tag).split(":")[0] for b in kept for m in b.info.all_models), None)
+    if model_name is not None:
+        for model in bentoml.models.list(model_name):
+            if str(model.tag) not in used:
+                bentoml.models.delete(str(model.tag))
+                deleted.append(str(model.tag))
+    return deleted
+
+
 def run_package(ctx: StageContext, bentofile: str | Path, out_path: str | Path) -> dict[str, Any]:
     params, project_dir = ctx.params, ctx.root.resolve()
     bentofile = ctx.path(bentofile)
     check_bentofile(bentofile)
     env = bentoml_env(ctx)
     os.environ.update({k: env[k] for k in ("BENTOML_HOME", "BENTOML_DO_NOT_TRACK")})  # before bentoml is imported
+    clean_build_debris(Path(env["BENTOML_HOME"]))
     version, run = _champion(ctx)
     model = _import_model(version, run, params)
     build_wheel(project_dir)
@@ -128,6 +169,15 @@ def run_package(ctx: StageContext, bentofile: str | Path, out_path: str | Path) 
         "model_type": run.data.tags.get("model", ""),
     }
     write_json(out_path, record)
+    keep = params.package.keep_bentos
+    try:
+        record_pruned = prune_bentos(params.package.bento_name, keep, tag)
+    except OSError as error:  # pruning is housekeeping: the new Bento stands
+        print(f"package: pruning old Bentos failed: {error}", file=sys.stderr)
+    else:
+        if record_pruned:
+            print(f"package: removed {len(record_pruned)} old Bento(s)/model(s) (keeping {keep}): "
+                  f"{', '.join(record_pruned)}", file=sys.stderr)
     return record
 
 

@@ -157,3 +157,45 @@ def log_value_model(model_dir: Path, features: pd.DataFrame, model: Any, name: s
         input_example=example,
         pip_requirements=pip_requirements(),
     )
+
+
+# Who runs a run: a run still RUNNING whose process is gone was killed (kill -9, OOM, a lost machine).
+PID_TAG = "uservalue.pid"
+HOST_TAG = "uservalue.host"
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the process that runs a run (see fail_orphan_runs)."""
+    import socket
+
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def fail_orphan_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED every RUNNING run of the experiment that this host started (process_tags) in a process
+    that no longer exists, so a killed stage does not leave its run RUNNING forever; the run ids.
+    Runs of other hosts, and runs without the tags, are left alone: their process cannot be checked."""
+    import socket
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    orphans = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "uservalue.orphaned", f"process {pid} on {host} gone; marked FAILED")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        orphans.append(run.info.run_id)
+    return orphans

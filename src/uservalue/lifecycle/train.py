@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from uservalue.errors import InputError
-from uservalue.features.store import read_features, read_meta
+from uservalue.features.store import feature_user_ids, read_features, read_meta
 from uservalue.io import atomic_dir, write_json
 from uservalue.lifecycle import tracking
 from uservalue.lifecycle.context import StageContext
@@ -42,17 +43,21 @@ def train_model(
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     params = ctx.params
     meta = read_meta(features_dir)
-    train = read_features(features_dir, "train")
+    max_rows = params.train.max_train_rows(name)
+    sample = sample_users(feature_user_ids(features_dir, "train"), max_rows, params.train.seed)
+    train = read_features(features_dir, "train", users=sample)
     if train.empty:
         raise InputError(features_dir / "train.parquet", "no training rows", expected="at least one user per cutoff")
     model = create_model(name, params.train.model_params(name), meta.spec, meta.horizon_days)
 
-    ctx.tracking()
+    experiment_id = ctx.tracking()
+    tracking.fail_orphan_runs(experiment_id)  # runs of killed earlier stages: FAILED, not RUNNING forever
     started = time.perf_counter()
     with mlflow.start_run(run_name=f"train-{name}") as run:
         mlflow.set_tags({
             "stage": "train",
             "model": name,
+            **tracking.process_tags(),
             **tracking.lineage_tags(ctx.root, "featurize"),
         })
         mlflow.log_params({
@@ -63,6 +68,7 @@ def train_model(
             "split.horizon_days": meta.horizon_days,
             "split.train_cutoffs": ",".join(c.isoformat() for c in meta.train_cutoffs),
             "train.rows": len(train),
+            f"train.{name}.max_train_rows": max_rows,
         })
 
         def log_epoch(metrics: dict[str, float], step: int) -> None:
@@ -100,3 +106,16 @@ def train_model(
             write_json(tmp / "influence.json", influence or {})
             write_json(tmp / "summary.json", dict(summary))
     return TrainResult(name, run.info.run_id, info.model_uri, summary, influence, time.perf_counter() - started)
+
+
+def sample_users(user_ids: np.ndarray, max_rows: int | None, seed: int) -> list[str] | None:
+    """Whole users (all their cutoffs), in an order fixed by `seed` alone, while their rows fit in
+    `max_rows`; None when every row fits (no sampling). The same seed and users give the same sample
+    whatever the order of the file."""
+    if max_rows is None or len(user_ids) <= max_rows:
+        return None
+    rows_per_user = pd.Series(user_ids, dtype=str).value_counts().sort_index()
+    order = np.random.default_rng(seed).permutation(len(rows_per_user))
+    shuffled = rows_per_user.iloc[order]
+    kept = shuffled.index[np.cumsum(shuffled.to_numpy()) <= max_rows]
+    return sorted(kept)

@@ -16,6 +16,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from uservalue.errors import ConfigError, InputError
+from uservalue.features.online import FeatureArrays
 from uservalue.features.sql import FeatureSpec
 from uservalue.schema import PURCHASE
 
@@ -97,6 +98,18 @@ def behavior_of_column(column: str, behaviors: tuple[str, ...]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ArrayPredictions:
+    """predict_with_influence's numbers as arrays, row for row (the fast path's output)."""
+
+    p_buy: np.ndarray  # float64 [U]
+    expected_value: np.ndarray  # float64 [U]
+    influence: np.ndarray  # float64 [U, len(behaviors)]: shares per behaviour, rows sum to 1
+
+    def __len__(self) -> int:
+        return len(self.p_buy)
+
+
 class ValueModel(ABC):
     """fit(train) -> self; predict(features) -> [user_id, p_buy, expected_value]."""
 
@@ -156,6 +169,28 @@ class ValueModel(ABC):
             predictions[f"influence_{behavior}"] = shares[behavior].to_numpy(dtype="float64")
         return predictions
 
+    def predict_arrays(self, features: FeatureArrays) -> ArrayPredictions:
+        """predict_with_influence on feature arrays (the online engine's output, un-keyed user ids):
+        the service's path. This generic version builds the DataFrame the batch path would; models
+        that can read the arrays directly (the deep, linear, GBDT and historical models) override
+        it to skip that, with the same numbers (tests/model/test_fast_path.py)."""
+        predictions = self.predict_with_influence(features.to_pandas())
+        return ArrayPredictions(
+            predictions["p_buy"].to_numpy(dtype=np.float64),
+            predictions["expected_value"].to_numpy(dtype=np.float64),
+            predictions[[f"influence_{b}" for b in self.spec.behaviors]].to_numpy(dtype=np.float64))
+
+    def _clipped(self, p_buy: np.ndarray, expected_value: np.ndarray,
+                 influence: np.ndarray) -> ArrayPredictions:
+        """The arrays of _frame's clipping (p_buy in [0, 1], expected_value >= 0)."""
+        return ArrayPredictions(np.clip(np.asarray(p_buy, dtype=np.float64), 0.0, 1.0),
+                                np.maximum(np.asarray(expected_value, dtype=np.float64), 0.0),
+                                np.asarray(influence, dtype=np.float64))
+
+    def purchase_only_influence(self, rows: int) -> np.ndarray:
+        """attribute()'s default as an array: every user's prediction owed to the purchase behaviour."""
+        return np.tile([1.0 if b == PURCHASE else 0.0 for b in self.spec.behaviors], (rows, 1))
+
     # -- persistence -------------------------------------------------------------------------
     @abstractmethod
     def _save_state(self, directory: Path) -> None: ...
@@ -204,17 +239,22 @@ def shares_by_behavior(
     `contributions[i, j]` is how much column j moved user i's prediction (SHAP values, or
     coefficient x standardised value); columns that describe no behaviour are left out."""
     frame = pd.DataFrame({"user_id": user_ids.astype(str).to_numpy()})
+    shares = behavior_shares(contributions, columns, behaviors)
+    for i, b in enumerate(behaviors):
+        frame[b] = shares[:, i]
+    return frame
+
+
+def behavior_shares(contributions: np.ndarray, columns: list[str], behaviors: tuple[str, ...]) -> np.ndarray:
+    """shares_by_behavior's numbers as a [rows, len(behaviors)] array (no DataFrame)."""
     magnitude = np.abs(np.asarray(contributions, dtype=np.float64))
-    per_behavior = {b: np.zeros(len(frame)) for b in behaviors}
+    per_behavior = np.zeros((magnitude.shape[0], len(behaviors)))
     for j, column in enumerate(columns):
         b = behavior_of_column(column, behaviors)
         if b is not None:
-            per_behavior[b] += magnitude[:, j]
-    total = np.sum(list(per_behavior.values()), axis=0)
-    even = 1.0 / len(behaviors)
-    for b in behaviors:
-        frame[b] = np.where(total > 0, per_behavior[b] / np.where(total > 0, total, 1.0), even)
-    return frame
+            per_behavior[:, behaviors.index(b)] += magnitude[:, j]
+    total = per_behavior.sum(axis=1, keepdims=True)
+    return np.where(total > 0, per_behavior / np.where(total > 0, total, 1.0), 1.0 / len(behaviors))
 
 
 def global_shares(attribution: pd.DataFrame, behaviors: tuple[str, ...]) -> dict[str, float]:

@@ -11,8 +11,19 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from uservalue.models.base import (FitContext, ModelParams, ValueModel, aggregate_matrix, exposure_days,
-                                  global_shares, shares_by_behavior, validation_mask)
+from uservalue.features.online import FeatureArrays
+from uservalue.models.base import (
+    ArrayPredictions,
+    FitContext,
+    ModelParams,
+    ValueModel,
+    aggregate_matrix,
+    behavior_shares,
+    exposure_days,
+    global_shares,
+    shares_by_behavior,
+    validation_mask,
+)
 from uservalue.models.hazard import cloglog_grad_hess, cloglog_nll, p_buy_from_log_hazard
 
 P_BUY_FILE = "p_buy.lgb.txt"
@@ -105,18 +116,27 @@ class GbdtModel(ValueModel):
     def _raw(self, booster: lgb.Booster, x: np.ndarray) -> np.ndarray:
         return booster.predict(x, raw_score=True, num_iteration=booster.best_iteration or None)
 
-    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
-        x = aggregate_matrix(features, self.feature_columns)
+    def _outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p_buy, expected value) of aggregate rows."""
         p_buy = p_buy_from_log_hazard(self._raw(self._p_buy, x) + self._base_log_hazard, self.horizon_days)
-        value = np.exp(np.clip(self._raw(self._value, x) + self._base_log_value, None, 30))
-        return self._frame(features, p_buy, value)
+        return p_buy, np.exp(np.clip(self._raw(self._value, x) + self._base_log_value, None, 30))
+
+    def _contributions(self, x: np.ndarray) -> np.ndarray:
+        contributions = self._value.predict(x, pred_contrib=True, num_iteration=self._value.best_iteration or None)
+        return contributions[:, :-1]  # the last column is the expected value (bias) term: no behaviour owns it
+
+    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
+        return self._frame(features, *self._outputs(aggregate_matrix(features, self.feature_columns)))
 
     def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
         x = aggregate_matrix(features, self.feature_columns)
-        contributions = self._value.predict(x, pred_contrib=True, num_iteration=self._value.best_iteration or None)
-        # The last column is the expected value (bias) term: no behaviour owns it.
-        return shares_by_behavior(features["user_id"], contributions[:, :-1], self.feature_columns,
+        return shares_by_behavior(features["user_id"], self._contributions(x), self.feature_columns,
                                   self.spec.behaviors)
+
+    def predict_arrays(self, features: FeatureArrays) -> ArrayPredictions:
+        x = features.matrix(self.feature_columns)
+        shares = behavior_shares(self._contributions(x), self.feature_columns, self.spec.behaviors)
+        return self._clipped(*self._outputs(x), shares)
 
     def _store_influence(self, sample: pd.DataFrame) -> None:
         self._influence = global_shares(self.attribute(sample), self.spec.behaviors)

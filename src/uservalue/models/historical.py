@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from uservalue.models.base import FitContext, ModelParams, ValueModel, aggregate_matrix
+from uservalue.features.online import FeatureArrays
+from uservalue.models.base import (
+    ArrayPredictions,
+    FitContext,
+    ModelParams,
+    ValueModel,
+    aggregate_matrix,
+)
 from uservalue.models.hazard import p_buy_from_log_hazard
 
 
@@ -38,13 +45,19 @@ class HistoricalModel(ValueModel):
         self._columns()
         return {"fitted_parameters": 0.0}
 
-    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
-        value_column, count_column = self._columns()
-        value, count = aggregate_matrix(features, [value_column, count_column]).T
+    def _outputs(self, value: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p_buy, expected value) from the window's spend and purchase count."""
         scale = self.horizon_days / self.params.window_days
         with np.errstate(divide="ignore"):
             log_hazard = np.log(np.nan_to_num(count) / self.params.window_days)
-        return self._frame(features, p_buy_from_log_hazard(log_hazard, self.horizon_days), np.nan_to_num(value) * scale)
+        return p_buy_from_log_hazard(log_hazard, self.horizon_days), np.nan_to_num(value) * scale
+
+    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
+        return self._frame(features, *self._outputs(*aggregate_matrix(features, list(self._columns())).T))
+
+    def predict_arrays(self, features: FeatureArrays) -> ArrayPredictions:
+        p_buy, value = self._outputs(*features.matrix(self._columns()).T)
+        return self._clipped(p_buy, value, self.purchase_only_influence(len(features)))
 
     def _save_state(self, directory: Path) -> None:
         """Nothing is learned; the params in model.json are the whole model."""

@@ -10,8 +10,18 @@ import pandas as pd
 from pydantic import Field
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from uservalue.models.base import (FitContext, ModelParams, ValueModel, aggregate_matrix, exposure_days,
-                                  global_shares, shares_by_behavior)
+from uservalue.features.online import FeatureArrays
+from uservalue.models.base import (
+    ArrayPredictions,
+    FitContext,
+    ModelParams,
+    ValueModel,
+    aggregate_matrix,
+    behavior_shares,
+    exposure_days,
+    global_shares,
+    shares_by_behavior,
+)
 
 STATE_FILE = "linear.npz"
 
@@ -27,10 +37,12 @@ class LinearModel(ValueModel):
     Params = LinearParams
 
     def _design(self, features: pd.DataFrame) -> np.ndarray:
-        raw = aggregate_matrix(features, self.feature_columns)
+        window = np.log(exposure_days(features, self.horizon_days) / self.horizon_days)
+        return self._design_matrix(aggregate_matrix(features, self.feature_columns), window)
+
+    def _design_matrix(self, raw: np.ndarray, window: np.ndarray) -> np.ndarray:
         logged = np.log1p(np.clip(np.nan_to_num(raw), 0.0, None))
         scaled = (logged - self._mean) / self._std
-        window = np.log(exposure_days(features, self.horizon_days) / self.horizon_days)
         return np.column_stack([scaled, window])
 
     def fit(self, train: pd.DataFrame, ctx: FitContext) -> dict[str, float]:
@@ -62,10 +74,23 @@ class LinearModel(ValueModel):
         logit = x @ self._logistic[:-1] + self._logistic[-1]
         return x, log_value, logit
 
-    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
-        _x, log_value, logit = self._scores(features)
+    def _outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p_buy, expected value) of design rows."""
+        log_value = x @ self._ridge[:-1] + self._ridge[-1]
+        logit = x @ self._logistic[:-1] + self._logistic[-1]
         p_buy = 1.0 / (1.0 + np.exp(-logit))
-        return self._frame(features, p_buy, p_buy * np.exp(np.clip(log_value, None, 30)) * self._smearing)
+        return p_buy, p_buy * np.exp(np.clip(log_value, None, 30)) * self._smearing
+
+    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
+        x, _log_value, _logit = self._scores(features)
+        return self._frame(features, *self._outputs(x))
+
+    def predict_arrays(self, features: FeatureArrays) -> ArrayPredictions:
+        # Scoring is at the full horizon: the window column is log(1) = 0.
+        x = self._design_matrix(features.matrix(self.feature_columns), np.zeros(len(features)))
+        p_buy, value = self._outputs(x)
+        shares = behavior_shares(x[:, :-1] * self._ridge[:-2], self.feature_columns, self.spec.behaviors)
+        return self._clipped(p_buy, value, shares)
 
     def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
         x, _log_value, _logit = self._scores(features)

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from uservalue.serving.prediction_log import PredictionLog
-from uservalue.serving.requests import Event
-from uservalue.serving.scorer import Scorer, ScoreRequest
+from uservalue.serving.prediction_log import PredictionLog, finite_rows
+from uservalue.serving.requests import Event, RequestError, as_of_time
+from uservalue.serving.scorer import ScoredBatch, Scorer, ScoreRequest
+
+logger = logging.getLogger(__name__)
 
 
 class BatchingPredictor:
@@ -47,6 +51,10 @@ class BatchingPredictor:
     async def predict(self, events: Sequence[Event], as_of: dt.datetime | None,
                       user_ids: Sequence[str] = ()) -> dict[str, Any]:
         """The response body for one /predict call; raises RequestError for a client mistake."""
+        try:
+            as_of = as_of_time(as_of)  # the HTTP model checks it too; a library caller may not have
+        except ValueError as error:
+            raise RequestError(["as_of"], str(error)) from None
         request = self.scorer.prepare(events, as_of, user_ids)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
@@ -96,9 +104,9 @@ class BatchingPredictor:
             self.largest_batch = max(self.largest_batch, len(batch))
             started = time.perf_counter()
             try:
-                answers = await loop.run_in_executor(self._executor, self._answer, [r for r, _ in batch])
+                answers, scored = await loop.run_in_executor(self._executor, self._score, [r for r, _ in batch])
             except Exception as error:  # noqa: BLE001 - handed to every caller of the batch (their 500)
-                answers = [error] * len(batch)
+                answers, scored = [error] * len(batch), None
             if self._observe is not None:
                 self._observe(len(batch), time.perf_counter() - started)
             for (_, future), answer in zip(batch, answers, strict=True):
@@ -108,30 +116,69 @@ class BatchingPredictor:
                     future.set_exception(answer)
                 else:
                     future.set_result(answer)
+            if scored is not None:
+                # After the answers are out: the log's rows (about 0.5-1.5 ms) are built on the scoring
+                # thread before its next batch, off this batch's latency.
+                self._executor.submit(self._log, scored, answers)
 
-    def _answer(self, requests: list[ScoreRequest]) -> list[Any]:
+    def _score(self, requests: list[ScoreRequest]) -> tuple[list[Any], ScoredBatch | None]:
+        """Each request's answer (a body or a RequestError), and the batch whose rows are still to be
+        logged (None when the requests were scored and logged one by one). Everything a request's input
+        can make fail, scoring and building the answers, is inside the fallback that scores each
+        request alone; the prediction log comes after, and a failure there loses log rows, never answers."""
         try:
             batch = self.scorer.score_batch(requests)
+            answers = [_finite_or_error(answer) for answer in self.scorer.answers(batch)]
         except Exception:
             if len(requests) == 1:
                 raise
             # Something failed that validation did not catch: score each request alone, so one
             # request's problem fails that request only.
-            return [self._answer_one(r) for r in requests]
-        if len(batch.scored):
-            self.log.append(self.scorer.log_frame(batch))
-        return self.scorer.answers(batch)
+            return [self._answer_one(r) for r in requests], None
+        return answers, batch
+
+    def _log(self, batch: ScoredBatch, answers: Sequence[Any]) -> None:
+        """The answered predictions into the prediction log (not those of a request that failed)."""
+        if not len(batch):
+            return
+        try:
+            frame = self.scorer.log_frame(batch)
+            failed = [i for i, answer in enumerate(answers) if isinstance(answer, RequestError)]
+            if failed:
+                frame = frame[~frame["request_id"].isin([batch.requests[i].request_id for i in failed])]
+            frame = finite_rows(frame)
+            if len(frame):
+                self.log.append(frame)
+        except Exception:  # the answers stand; the log loses this batch's rows, said loudly
+            logger.exception("prediction log: %d rows of a batch of %d requests not logged",
+                             len(batch), len(batch.requests))
 
     def _answer_one(self, request: ScoreRequest) -> Any:
         try:
-            return self._answer([request])[0]
+            answers, scored = self._score([request])
         except Exception as error:  # noqa: BLE001 - handed to this request's caller (its 500)
             return error
+        if scored is not None:
+            self._log(scored, answers)
+        return answers[0]
 
     def close(self) -> None:
-        """Finish the batch in flight, then flush the prediction log."""
+        """Finish the batch in flight and the log rows still to build, then flush the prediction log."""
         self._executor.shutdown(wait=True)
         self.log.close()
+
+
+def _finite_or_error(answer: Any) -> Any:
+    """A body whose predictions are all finite, else a 422 naming the first user whose is not (an input
+    inside the limits can still take a model outside its range; JSON has no infinity)."""
+    if isinstance(answer, RequestError):
+        return answer
+    for index, row in enumerate(answer["predictions"]):
+        values = [row["p_buy"], row["expected_value"], *row["influence"].values()]
+        if not all(math.isfinite(v) for v in values):
+            return RequestError(["predictions", index], f"the model's prediction for user {row['user_id']!r} is not "
+                                                        "finite; expected inputs within the model's range", status=422)
+    return answer
 
 
 @functools.cache

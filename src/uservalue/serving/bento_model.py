@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 # BentoML labels (on the model and the Bento) naming the registry version packaged; the package stage
 # writes them, the service reads them.
 MODEL_NAME_LABEL, VERSION_LABEL, RUN_LABEL, TYPE_LABEL = "mlflow_model_name", "mlflow_version", "mlflow_run_id", "model_type"

@@ -23,8 +23,8 @@ class EventIntake:
         self.behaviors = tuple(behaviors)
         self.max_events = settings.max_events
         self.log = EventLog(settings.event_log_dir, settings.log_flush_records, settings.log_flush_seconds)
-        # DuckDB hashes the item and category ids (the buckets are its hash()); one connection, one
-        # caller at a time (the endpoint runs in BentoML's thread pool).
+        # event_columns computes epoch(ts) and the bucket hash (features.buckets) in one DuckDB query;
+        # one connection, one caller at a time (the endpoint runs in BentoML's thread pool).
         self._con = duck.connect(memory_limit="256MB", threads=1)
         self._lock = threading.Lock()
 

@@ -4,17 +4,51 @@ and read back for the monitor."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import threading
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from uservalue.io import atomic_path
 
 PREDICTION_LOG_COLUMNS = ("request_time", "request_id", "as_of", "model_name", "model_version", "user_id",
                           "p_buy", "expected_value", "horizon_days")
+
+
+logger = logging.getLogger(__name__)
+
+
+PREDICTION_COLUMNS = ("p_buy", "expected_value")
+
+
+def non_finite_rows(frame: pd.DataFrame) -> pd.Series:
+    """Per row: does a float column hold +-inf, or a prediction NaN? (A missing feature may be NaN; the
+    log and the monitor need every number finite.)"""
+    floats = frame.select_dtypes(include="floating")
+    if floats.empty:
+        return pd.Series(False, index=frame.index)
+    bad = np.isinf(floats.to_numpy(dtype="float64")).any(axis=1)
+    for column in PREDICTION_COLUMNS:
+        if column in floats.columns:
+            bad |= floats[column].isna().to_numpy()
+    return pd.Series(bad, index=frame.index)
+
+
+def finite_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose numbers are finite; the others are dropped with a warning naming the columns."""
+    bad = non_finite_rows(frame)
+    if not bad.any():
+        return frame
+    floats = frame.loc[bad].select_dtypes(include="floating")
+    columns = sorted(c for c in floats.columns
+                     if np.isinf(floats[c].to_numpy(dtype="float64")).any() or
+                     (c in PREDICTION_COLUMNS and floats[c].isna().any()))
+    logger.warning("prediction log: %d rows with non-finite values in %s not logged", int(bad.sum()), columns)
+    return frame[~bad.to_numpy()]
 
 
 class PredictionLog:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import sys
-import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,9 +17,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from uservalue.features.online import EventColumns, concat, event_columns, online_features
-from uservalue.models.base import ModelInfo
-from uservalue.serving.requests import KEY_SEPARATOR, Event, RequestError, as_utc, events_table, validate_events
+from uservalue.features.online import (
+    EventColumns,
+    FeatureArrays,
+    concat,
+    events_to_columns,
+    online_arrays,
+)
+from uservalue.models.base import ArrayPredictions, ModelInfo
+from uservalue.serving.requests import KEY_SEPARATOR, Event, RequestError, as_utc, validate_events
 from uservalue.serving.store import OnlineStore
 
 
@@ -53,25 +59,53 @@ class ScoreRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+@dataclass(frozen=True)
+class ScoredRows:
+    """One row per answered user, as arrays: the model's numbers and the aggregate features (the
+    prediction log keeps them for the monitor)."""
+
+    user_id: np.ndarray  # object (str)
+    predictions: ArrayPredictions
+    aggregates: dict[str, np.ndarray]  # the spec's aggregate columns, in the feature engine's types
+    behaviors: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """score_features' columns, in its order."""
+        influence = self.predictions.influence
+        return {"user_id": self.user_id, "p_buy": self.predictions.p_buy,
+                "expected_value": self.predictions.expected_value,
+                **{f"influence_{b}": influence[:, i] for i, b in enumerate(self.behaviors)}, **self.aggregates}
+
+
 @dataclass
 class ScoredBatch:
-    """What one feature query and one forward pass gave a batch of requests."""
+    """What one feature computation and one model call gave a batch of requests."""
 
     requests: Sequence[ScoreRequest]
     as_of: list[dt.datetime]  # per request
-    scored: pd.DataFrame  # one row per answered user: score_features' columns
-    request: np.ndarray  # per row of `scored`: the position of its request in `requests`
-    errors: dict[int, RequestError]  # per failed request position: its client error (no rows in `scored`)
+    rows: ScoredRows  # one row per answered user
+    request: np.ndarray  # per row of `rows`: the position of its request in `requests`
+    errors: dict[int, RequestError]  # per failed request position: its client error (no rows in `rows`)
     user_errors: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # per request: users not scored
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @functools.cached_property
+    def scored(self) -> pd.DataFrame:
+        """The rows as score_features' DataFrame (built on first use: answers() never needs it)."""
+        return pd.DataFrame(self.rows.columns(), copy=False)
 
 
 class Scorer:
-    """A loaded model and a DuckDB connection per thread: requests in, scored users out."""
+    """A loaded model and the online store: requests in, scored users out. No SQL per request: the
+    features come from the numpy engine (features.online), the model reads its arrays."""
 
     def __init__(self, model: Any, info: ModelInfo, max_events: int, max_users: int,
                  store: OnlineStore | None = None) -> None:
-        from uservalue import duck
-
         self.model = model
         self.info = info
         self.max_events = max_events
@@ -79,22 +113,12 @@ class Scorer:
         self.store = store
         # A batch is a few users: intra-op threads only add hand-off costs (measured on 2 cores: the
         # MLP's predict + attribution of one user 33 ms with torch's default threads, 13 ms with one).
-        self._root = duck.connect(memory_limit="1GB", threads=1)
         if "torch" in sys.modules:  # a torch model is loaded; never import torch just for this
             sys.modules["torch"].set_num_threads(1)
-        # One cursor (DuckDB connection) per thread that scores: it hashes the item and category ids of
-        # events sent with a request (the buckets must be DuckDB's hash, as in the batch SQL).
-        self._local = threading.local()
         self._warm_up()
 
-    def _connection(self) -> Any:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = self._local.con = self._root.cursor()
-        return con
-
     def _warm_up(self) -> None:
-        # The first query and forward pass pay for lazy initialisation (about a second):
+        # The first forward pass pays for lazy initialisation (and a deep model's TorchScript trace):
         # pay it at start-up, not in a client's request.
         now = dt.datetime.now(dt.UTC)
         events = [Event(user_id="warm-up", ts=now - dt.timedelta(days=1), behavior=b) for b in self.model.spec.behaviors]
@@ -114,41 +138,62 @@ class Scorer:
         the stored events of the users asked by id (one store read for the batch) and the events
         sent with it (for that request only)."""
         parts: list[list[EventColumns]] = [[] for _ in requests]
-        asked = list(dict.fromkeys(u for r in requests for u in r.user_ids))
-        if asked:
+        asking = [i for i, r in enumerate(requests) if r.user_ids]
+        if asking:
+            asked = list(dict.fromkeys(u for i in asking for u in requests[i].user_ids))
             stored, _unknown = self.store.get(asked)  # type: ignore[union-attr]
-            for i, request in enumerate(requests):
-                if request.user_ids:
-                    mine = stored.take(np.isin(stored.user_id, request.user_ids))
-                    parts[i].append(_keyed(mine, i))
-        sent = [i for i, r in enumerate(requests) if r.events]
-        if sent:
-            table = events_table([requests[i].events for i in sent], keys=[str(i) for i in sent])
-            columns = event_columns(table, con=self._connection())
-            for i in sent:
-                parts[i].append(columns.take(np.char.startswith(columns.user_id.astype(str), f"{i}{KEY_SEPARATOR}")))
+            for i in asking:
+                # One asking request owns every stored event read: no per-event membership test.
+                mine = stored if len(asking) == 1 else stored.take(np.isin(stored.user_id, requests[i].user_ids))
+                parts[i].append(_keyed(mine, i))
+        for i, request in enumerate(requests):
+            if request.events:
+                parts[i].append(self._sent_events(request.events, i))
         return [concat(p) for p in parts]
 
+    def _sent_events(self, events: Sequence[Event], position: int) -> EventColumns:
+        """The events a request sent, as the online store would hold them, keyed by its position.
+        No SQL: features.online.events_to_columns computes DuckDB's epoch() and the bucket hash."""
+        return events_to_columns(
+            user_id=[f"{position}{KEY_SEPARATOR}{e.user_id}" for e in events],
+            ts_micros=[(as_utc(e.ts) - _EPOCH) // _MICROSECOND for e in events],
+            behavior=[e.behavior for e in events],
+            item_id=[e.item_id for e in events],
+            category_id=[e.category_id for e in events],
+            amount=[e.amount for e in events],
+        )
+
     def score_batch(self, requests: Sequence[ScoreRequest]) -> ScoredBatch:
-        """Score several requests with one feature query per distinct as_of and one model call.
+        """Score several requests with one feature computation per distinct as_of and one model call.
 
         Each request's users get exactly the rows they would get alone: features are computed per
         (request, user) and the model scores rows independently."""
         now = dt.datetime.now(dt.UTC)
         as_of = [r.as_of or now for r in requests]
         events = self._request_events(requests)
-        frames = []
+        parts = []
         for cutoff in dict.fromkeys(as_of):  # distinct, in order
             members = [i for i, c in enumerate(as_of) if c == cutoff]
-            table = online_features(concat([events[i] for i in members]), cutoff, self.model.spec)
-            frames.append(table.to_pandas())
-        features = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-        keys = features["user_id"].str.split(KEY_SEPARATOR, n=1, expand=True)
-        position = keys[0].astype(np.int64).to_numpy() if len(features) else np.zeros(0, dtype=np.int64)
-        features["user_id"] = keys[1] if len(features) else features["user_id"]
+            parts.append(online_arrays(concat([events[i] for i in members]), cutoff, self.model.spec))
+        features = FeatureArrays.concat(parts)
+        position, user_id = _split_keys(features.user_id)
+        features = features.with_user_ids(user_id)
+        errors, user_errors = self._unscored(requests, as_of, events, position, user_id)
+        if errors:  # a failed request is answered by its error alone: drop its other users too
+            keep = np.flatnonzero(~np.isin(position, list(errors)))
+            features, position = features.take(keep), position[keep]
+        predictions = self.model.predict_arrays(features) if len(features) else _no_predictions(self.model.spec)
+        rows = ScoredRows(features.user_id, predictions, features.aggregates, tuple(self.model.spec.behaviors))
+        return ScoredBatch(requests, as_of, rows, position, errors, user_errors)
+
+    def _unscored(self, requests: Sequence[ScoreRequest], as_of: list[dt.datetime], events: list[EventColumns],
+                  position: np.ndarray, user_id: np.ndarray,
+                  ) -> tuple[dict[int, RequestError], dict[int, list[dict[str, Any]]]]:
+        """Requests that fail (a user sent by events without history before as_of: a 422) and, per
+        request by id, the users left unscored (named in its answer)."""
         errors: dict[int, RequestError] = {}
         user_errors: dict[int, list[dict[str, Any]]] = {}
-        answered = set(zip(position.tolist(), features["user_id"], strict=True))
+        answered = set(zip(position.tolist(), user_id.tolist(), strict=True))
         for i, request in enumerate(requests):
             missing = {u for u in request.users if (i, u) not in answered}
             if missing and request.user_ids:  # by id: each unscored user is named in the answer
@@ -161,14 +206,7 @@ class Scorer:
                     ["events", first, "ts"],
                     f"user {request.events[first].user_id!r} has no event before as_of {as_of[i].isoformat()}",
                     status=422)
-        if errors:  # a failed request is answered by its error alone: drop its other users too
-            keep = ~np.isin(position, list(errors))
-            features, position = features[keep].reset_index(drop=True), position[keep]
-        if len(features):
-            scored = score_features(self.model, features)
-        else:  # every request failed: nothing to score
-            scored = pd.DataFrame(columns=[*self._answered_columns(), "recency_days"])
-        return ScoredBatch(requests, as_of, scored, position, errors, user_errors)
+        return errors, user_errors
 
     def score(self, events: Sequence[Event], as_of: dt.datetime | None) -> tuple[dt.datetime, pd.DataFrame]:
         """One request, scored alone: (its as_of, one row per user); a RequestError if it fails."""
@@ -177,31 +215,36 @@ class Scorer:
             raise batch.errors[0]
         return batch.as_of[0], batch.scored
 
-    def _answered_columns(self) -> list[str]:
-        return ["user_id", "p_buy", "expected_value", *(f"influence_{b}" for b in self.model.spec.behaviors)]
-
-    def response_rows(self, scored: pd.DataFrame, as_of: Sequence[dt.datetime]) -> list[dict[str, Any]]:
+    def response_rows(self, scored: pd.DataFrame | ScoredRows, as_of: Sequence[dt.datetime]) -> list[dict[str, Any]]:
         """One answer per scored row; `as_of` per row. features_as_of: the user's latest event used."""
+        if isinstance(scored, pd.DataFrame):
+            user_id = scored["user_id"].to_numpy()
+            p_buy, value = scored["p_buy"].to_numpy(), scored["expected_value"].to_numpy()
+            influence = scored[[f"influence_{b}" for b in self.model.spec.behaviors]].to_numpy()
+            recency = scored["recency_days"].to_numpy()
+        else:
+            user_id, recency = scored.user_id, scored.aggregates["recency_days"]
+            p_buy, value, influence = scored.predictions.p_buy, scored.predictions.expected_value, \
+                scored.predictions.influence
         behaviors = self.model.spec.behaviors
-        # Only the answered columns: `scored` also carries every aggregate feature (for the log).
-        latest = [(when - dt.timedelta(days=float(days))).isoformat()
-                  for when, days in zip(as_of, scored["recency_days"].tolist(), strict=True)]
-        rows = []
-        for record, features_as_of in zip(scored[self._answered_columns()].to_dict("records"), latest, strict=True):
-            rows.append({
-                "user_id": record["user_id"],
-                "features_as_of": features_as_of,
-                "p_buy": float(record["p_buy"]),
-                "expected_value": float(record["expected_value"]),
-                "horizon_days": int(self.model.horizon_days),
-                "model_version": self.info.version,
-                "influence": {b: float(record[f"influence_{b}"]) for b in behaviors},
-            })
-        return rows
+        horizon, version = int(self.model.horizon_days), self.info.version
+        # Plain Python floats in one conversion per array, not one numpy scalar per value.
+        return [{
+            "user_id": user,
+            "features_as_of": (when - dt.timedelta(days=days)).isoformat(),
+            "p_buy": p,
+            "expected_value": v,
+            "horizon_days": horizon,
+            "model_version": version,
+            "influence": dict(zip(behaviors, shares, strict=True)),
+        } for user, when, days, p, v, shares in zip(
+            user_id.tolist(), as_of, np.asarray(recency, dtype=np.float64).tolist(),
+            np.asarray(p_buy, dtype=np.float64).tolist(), np.asarray(value, dtype=np.float64).tolist(),
+            np.asarray(influence, dtype=np.float64).tolist(), strict=True)]
 
     def answers(self, batch: ScoredBatch) -> list[dict[str, Any] | RequestError]:
         """Each request's response body, or its client error."""
-        rows = self.response_rows(batch.scored, [batch.as_of[i] for i in batch.request.tolist()])
+        rows = self.response_rows(batch.rows, [batch.as_of[i] for i in batch.request.tolist()])
         per_request: dict[int, list[dict[str, Any]]] = {}
         for position, row in zip(batch.request.tolist(), rows, strict=True):
             per_request.setdefault(position, []).append(row)
@@ -219,20 +262,48 @@ class Scorer:
 
     def log_frame(self, batch: ScoredBatch) -> pd.DataFrame:
         """The prediction log's rows for a batch: each answered user with its request's time and id."""
-        requests = batch.requests
-        frame = batch.scored.copy()
-        frame.insert(0, "request_time", pd.to_datetime([requests[i].received for i in batch.request], utc=True))
-        frame.insert(1, "request_id", [requests[i].request_id for i in batch.request])
-        frame.insert(2, "as_of", pd.to_datetime([batch.as_of[i] for i in batch.request], utc=True))
-        frame.insert(3, "model_name", self.info.name)
-        frame.insert(4, "model_version", self.info.version)
-        frame["horizon_days"] = int(self.model.horizon_days)
-        return frame
+        requests, index = batch.requests, batch.request
+        n = len(batch.rows)
+        columns = {
+            # Per request once, then spread to its rows: one conversion whatever the number of users.
+            "request_time": _utc_times([r.received for r in requests])[index],
+            "request_id": np.array([r.request_id for r in requests], dtype=object)[index],
+            "as_of": _utc_times(batch.as_of)[index],
+            "model_name": np.full(n, self.info.name, dtype=object),
+            "model_version": np.full(n, self.info.version, dtype=object),
+            **batch.rows.columns(),
+            "horizon_days": np.full(n, int(self.model.horizon_days), dtype=np.int64),
+        }
+        return pd.DataFrame(columns, copy=False)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
+
+
+def _utc_times(times: Sequence[dt.datetime]) -> pd.DatetimeIndex:
+    """pd.to_datetime(times, utc=True) (datetime64[ns, UTC]) at a third of its fixed cost."""
+    nanos = np.array([(as_utc(t) - _EPOCH) // _MICROSECOND for t in times], dtype=np.int64) * 1000
+    return pd.DatetimeIndex(nanos.view("datetime64[ns]")).tz_localize("UTC")
+
+
+def _split_keys(keyed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(request position, user id) of each `<position><KEY_SEPARATOR><user id>` key."""
+    split = [k.split(KEY_SEPARATOR, 1) for k in keyed.tolist()]
+    position = np.fromiter((int(p) for p, _ in split), dtype=np.int64, count=len(split))
+    return position, np.array([u for _, u in split], dtype=object)
+
+
+def _no_predictions(spec: Any) -> ArrayPredictions:
+    return ArrayPredictions(np.zeros(0), np.zeros(0), np.zeros((0, len(spec.behaviors))))
 
 
 def _keyed(events: EventColumns, position: int) -> EventColumns:
-    """The events with each user id keyed by its request's position (see KEY_SEPARATOR)."""
-    keyed = np.array([f"{position}{KEY_SEPARATOR}{u}" for u in events.user_id.tolist()], dtype=object)
+    """The events with each user id keyed by its request's position (see KEY_SEPARATOR): one key
+    built per user, not per event."""
+    keys: dict[str, str] = {}
+    keyed = np.array([keys.get(u) or keys.setdefault(u, f"{position}{KEY_SEPARATOR}{u}")
+                      for u in events.user_id.tolist()], dtype=object)
     return dataclasses.replace(events, user_id=keyed)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +75,30 @@ def serve_settings() -> ServeSettings:
 def open_configured_store(settings: ServeSettings) -> OnlineStore:
     """The online store: USERVALUE_STORE_URL, else serve.store.url (a relative SQLite path is the project's)."""
     return open_store(store_url(settings.store.url), root=project_dir(), namespace=settings.store.namespace)
+
+
+PARENT_POLL_SECONDS = 1.0
+STOP_GRACE_SECONDS = 30.0
+
+
+def exit_with_parent(poll_seconds: float = PARENT_POLL_SECONDS) -> threading.Thread:
+    """Stop this process (SIGTERM to itself: a graceful stop that flushes the logs) once its parent is
+    gone. BentoML starts its worker in a process group of its own, so `kill -9` of the server's group
+    (or of `make serve`) would leave the worker alive, adopted by PID 1 and holding the port. A thread
+    watches the parent's pid (PR_SET_PDEATHSIG is not used: it fires when the parent *thread* that
+    spawned the worker ends, which BentoML's arbiter does not promise to keep). If the graceful stop
+    hangs, the process exits after STOP_GRACE_SECONDS."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        logging.getLogger(__name__).warning("parent process %d is gone: stopping this worker (pid %d)",
+                                            parent, os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_SECONDS)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread

@@ -13,7 +13,9 @@ import pandas as pd
 
 from uservalue.features.online import EventColumns
 
-FORMAT_VERSION = 1
+# 2: the stored hashes are features.buckets' md5-based id_hash (1 held DuckDB's hash()): a store written
+# by an older version is refused, not read with buckets that no longer match the model's.
+FORMAT_VERSION = 2
 MAGIC = b"UV"
 HEADER = struct.Struct("<2sBBIIIII8x")
 RECORD = np.dtype([("t", "<f8"), ("amount", "<f8"), ("behavior", "u1"), ("item", "<u4"), ("category", "<u4")])

@@ -9,7 +9,6 @@ from uservalue.errors import ConfigError, TransientError
 from uservalue.serving.store import Materialization, Merge, OnlineStore, StoreInfo, chunks, now_iso
 from uservalue.serving.store_codec import FORMAT_VERSION
 
-
 # One round trip: the current generation and the users' state, read in one atomic script.
 _GET_SCRIPT = """
 local generation = redis.call('GET', KEYS[1])

@@ -21,7 +21,8 @@ from uservalue.schema import EVENTS_SCHEMA, PURCHASE
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _INTEGER = r"^\s*[-+]?\d+\s*$"
-_BLOCK_BYTES = 32 << 20
+_BLOCK_BYTES = 32 << 20  # CSV bytes parsed at once (~1M Taobao rows): ingest's memory per batch
+PARQUET_BATCH_ROWS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ def _check_mapped_columns(path: Path, spec: TabularSpec, available: list[str], r
             )
 
 
-def _csv_batches(path: Path, spec: TabularSpec) -> Iterator[RawBatch]:
+def _csv_batches(path: Path, spec: TabularSpec, block_bytes: int = _BLOCK_BYTES) -> Iterator[RawBatch]:
     if spec.header:
         names = _read_header(path, spec)
         _check_mapped_columns(path, spec, names, row=1)
@@ -278,7 +279,7 @@ def _csv_batches(path: Path, spec: TabularSpec) -> Iterator[RawBatch]:
         return located or InputError(path, f"cannot be parsed as CSV: {error}")
 
     try:  # open_csv already parses the first block, so its errors need a row too
-        reader = _open_csv(path, spec, names, wanted)
+        reader = _open_csv(path, spec, names, wanted, block_bytes)
     except pa.ArrowInvalid as error:
         raise unreadable(error) from None
     next_row = 2 if spec.header else 1
@@ -294,11 +295,12 @@ def _csv_batches(path: Path, spec: TabularSpec) -> Iterator[RawBatch]:
         next_row += table.num_rows
 
 
-def _open_csv(path: Path, spec: TabularSpec, names: list[str], wanted: list[str]) -> pacsv.CSVStreamingReader:
+def _open_csv(path: Path, spec: TabularSpec, names: list[str], wanted: list[str],
+              block_bytes: int = _BLOCK_BYTES) -> pacsv.CSVStreamingReader:
     return pacsv.open_csv(
         path,
         read_options=pacsv.ReadOptions(
-            column_names=None if spec.header else names, block_size=_BLOCK_BYTES
+            column_names=None if spec.header else names, block_size=block_bytes
         ),
         parse_options=pacsv.ParseOptions(delimiter=spec.delimiter),
         convert_options=pacsv.ConvertOptions(
@@ -310,7 +312,7 @@ def _open_csv(path: Path, spec: TabularSpec, names: list[str], wanted: list[str]
     )
 
 
-def _parquet_batches(path: Path, spec: TabularSpec) -> Iterator[RawBatch]:
+def _parquet_batches(path: Path, spec: TabularSpec, batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[RawBatch]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as error:
@@ -319,7 +321,7 @@ def _parquet_batches(path: Path, spec: TabularSpec) -> Iterator[RawBatch]:
     _check_mapped_columns(path, spec, parquet.schema_arrow.names, row=None)
     wanted = [n for n in dict.fromkeys(v for v in spec.columns.values() if v)]
     next_row = 1
-    for record_batch in parquet.iter_batches(batch_size=1_000_000, columns=wanted):
+    for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
         table = pa.Table.from_batches([record_batch])
         yield RawBatch(table, path, next_row, spec)
         next_row += table.num_rows
@@ -343,11 +345,14 @@ def is_parquet(path: Path) -> bool:
         return handle.read(4) == b"PAR1"
 
 
-def read_canonical(path: str | Path, spec: TabularSpec, fmt: str = "auto") -> Iterator[pa.Table]:
-    """Yield canonical event tables, one per input batch; raise InputError at the first bad row."""
+def read_canonical(path: str | Path, spec: TabularSpec, fmt: str = "auto", *, block_bytes: int = _BLOCK_BYTES,
+                   batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[pa.Table]:
+    """Yield canonical event tables, one per input batch (CSV: `block_bytes` of text; Parquet: `batch_rows`
+    rows), so memory is bounded by the batch, not the file; raise InputError at the first bad row, which
+    is named by its row in the file (rows are counted across batches)."""
     path = check_readable(path)
     parquet = is_parquet(path) if fmt == "auto" else fmt == "parquet"
-    batches = _parquet_batches(path, spec) if parquet else _csv_batches(path, spec)
+    batches = _parquet_batches(path, spec, batch_rows) if parquet else _csv_batches(path, spec, block_bytes)
     for batch in batches:
         if batch.table.num_rows:
             yield batch.canonical()

@@ -1,4 +1,8 @@
-"""Write canonical events: batches to a temporary Parquet, then sort by (user, time) into place."""
+"""Write canonical events: batches to a temporary Parquet, then sort by (user, time) into place.
+
+Parsing streams (each batch is written as it comes), and the sort is DuckDB's, out of core: it holds at
+most the `duckdb.memory_limit` of params (uservalue.duck) and spills to `duckdb.temp_directory` beyond,
+so ingest's memory does not grow with the log."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ ROW_GROUP_ROWS = 1_000_000
 
 
 def write_sorted_events(
-    tables: Iterable[pa.Table], out: str | Path, *, source: str, memory_limit: str = "4GB"
+    tables: Iterable[pa.Table], out: str | Path, *, source: str, memory_limit: str | None = None
 ) -> int:
     """Stream `tables` to disk and write them sorted by user and time to `out` atomically.
 
@@ -41,8 +45,8 @@ def write_sorted_events(
     return rows
 
 
-def sort_events_file(src: Path, dst: Path, *, memory_limit: str = "4GB") -> None:
-    """DuckDB sorts out of core, so this works for logs larger than memory."""
+def sort_events_file(src: Path, dst: Path, *, memory_limit: str | None = None) -> None:
+    """DuckDB sorts out of core, so this works for logs larger than memory (None: the process-wide limit)."""
     con = connect(memory_limit=memory_limit)
     try:
         con.execute(

@@ -16,7 +16,12 @@ from torch import nn
 from uservalue.errors import ConfigError
 from uservalue.models.base import FitContext
 from uservalue.models.deep import ziln
-from uservalue.models.deep.checkpoints import CHECKPOINT_FILE, cpu_state, load_checkpoint, save_checkpoint
+from uservalue.models.deep.checkpoints import (
+    CHECKPOINT_FILE,
+    cpu_state,
+    load_checkpoint,
+    save_checkpoint,
+)
 from uservalue.models.deep.data import FeatureDataset, FeatureTensors, make_loader, to_device
 from uservalue.models.deep.runtime import deterministic, rng_state, set_rng_state, training_autocast
 

@@ -69,6 +69,7 @@ class MlpNetwork(nn.Module):
 class MlpModel(TorchValueModel):
     name: ClassVar[str] = "mlp"
     Params = MlpParams
+    traced_inference: ClassVar[bool] = True  # forward() branches on configuration only, never on data
 
     @property
     def user_buckets(self) -> int:

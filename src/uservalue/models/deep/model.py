@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -16,11 +17,27 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from uservalue.features.online import FeatureArrays
 from uservalue.features.sql import FeatureSpec
-from uservalue.models.base import FitContext, ModelParams, ValueModel, exposure_days, validation_mask
+from uservalue.models.base import (
+    ArrayPredictions,
+    FitContext,
+    ModelParams,
+    ValueModel,
+    exposure_days,
+    validation_mask,
+)
 from uservalue.models.deep import occlusion, ziln
 from uservalue.models.deep.checkpoints import cpu_state, data_fingerprint, fingerprint
-from uservalue.models.deep.data import AggregateStats, FeatureTensors, TokenStats, build_tensors, map_batches
+from uservalue.models.deep.data import (
+    AggregateStats,
+    FeatureTensors,
+    TokenStats,
+    as_batch,
+    batch_arrays,
+    build_tensors,
+    map_batches,
+)
 from uservalue.models.deep.layers import HashedEmbedding, rows_per_id
 from uservalue.models.deep.loop import train_network
 from uservalue.models.deep.runtime import resolve_device, seed_everything
@@ -53,6 +70,11 @@ class TorchValueModel(ValueModel):
     """fit / predict / save / load / influence / attribute for a network built by the subclass."""
 
     Params = TorchParams
+    # predict_arrays on the CPU runs the network traced by TorchScript: on a request's few rows the
+    # eager nn.Module calls cost more than their arithmetic (the MLP: 0.27 ms eager, 0.16 ms traced,
+    # the same bits). Only a network whose forward has no data-dependent Python branch can be
+    # traced; a subclass opts in, and the trace is checked against eager before it is used.
+    traced_inference: ClassVar[bool] = False
 
     def __init__(self, params: ModelParams, spec: FeatureSpec, horizon_days: int) -> None:
         super().__init__(params, spec, horizon_days)
@@ -60,6 +82,8 @@ class TorchValueModel(ValueModel):
         self.device = torch.device("cpu")
         self._influence: dict[str, float] | None = None
         self.fit_summary: dict[str, Any] = {}
+        # (the network traced, its serving forward, whether that is the trace): see _serving_forward.
+        self._traced: tuple[nn.Module, Callable[[dict[str, torch.Tensor]], torch.Tensor], bool] | None = None
 
     # -- what a subclass provides ---------------------------------------------------------------
     @abstractmethod
@@ -116,10 +140,29 @@ class TorchValueModel(ValueModel):
         """The fitted network in eval mode, as batch -> raw float32 outputs [B, 3]."""
         if self.network is None:
             raise RuntimeError(f"{self.name} model is not fitted")
-        network = self.network.eval()
+        network = self.network
+        if network.training:  # eval() walks every submodule: a tenth of a small request's time
+            network.eval()
         # Scoring runs in float32 on every device (bf16 is for training only), so a model gives the
         # same predictions on CUDA and, after loading, on CPU up to float rounding.
         return lambda batch: network(batch).float()
+
+    def _serving_forward(self, example: dict[str, np.ndarray]) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """_forward(), traced by TorchScript where the subclass allows it (traced_inference, CPU):
+        traced once per fitted network on the first batch scored, and used only if it gives exactly
+        the eager outputs on it (else eager, for good)."""
+        eager = self._forward()
+        if not self.traced_inference or self.device.type != "cpu":
+            return eager
+        cached = self._traced
+        if cached is None or cached[0] is not self.network:  # two threads may both trace: either result is right
+            cached = self._traced = (self.network, *_traced_or_eager(self.network, eager, as_batch(example, self.device)))
+        return cached[1]
+
+    @property
+    def serving_is_traced(self) -> bool:
+        """Whether predict_arrays runs the TorchScript trace (False before its first call)."""
+        return self._traced is not None and self._traced[2]
 
     def _occlusion(self, data: FeatureTensors, outputs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         return occlusion.occlusion(
@@ -151,6 +194,30 @@ class TorchValueModel(ValueModel):
         for i, behavior in enumerate(self.spec.behaviors):
             predictions[f"influence_{behavior}"] = shares[:, i]
         return predictions
+
+    def predict_arrays(self, features: FeatureArrays) -> ArrayPredictions:
+        """predict_with_influence's numbers for the online engine's arrays: no DataFrame, one tensor
+        conversion, and the prediction and every behaviour's occlusion in one forward pass per
+        chunk of rows (occlusion.occlusion_one_pass)."""
+        batch = batch_arrays(features, self.feature_columns, self.spec.sequence_length,
+                             user_buckets=self.user_buckets)
+        n = len(features)
+        if n == 0:
+            return self._clipped(np.zeros(0), np.zeros(0), np.zeros((0, len(self.spec.behaviors))))
+        # A chunk is stacked up to (1 + behaviours) times: keep that within the scoring batch size.
+        chunk = max(self.params.predict_batch_size // (1 + len(self.spec.behaviors)), 1)  # type: ignore[attr-defined]
+        forward = self._serving_forward(batch)
+        log_p, log_ev, phi, counts = [], [], [], []
+        for start in range(0, n, chunk):
+            part = batch if chunk >= n else {k: v[start:start + chunk] for k, v in batch.items()}
+            outputs = occlusion.occlusion_one_pass(part, forward, self.feature_columns, self.spec.behaviors,
+                                                   horizon_days=self.horizon_days, device=self.device)
+            for collected, value in zip((log_p, log_ev, phi, counts), outputs, strict=True):
+                collected.append(value)
+        # exp of the float32 logs, as ziln.predict: the same numbers as predict().
+        p_buy = torch.exp(torch.cat(log_p)).double().numpy()
+        value = torch.exp(torch.cat(log_ev)).double().numpy()
+        return self._clipped(p_buy, value, occlusion.shares(np.concatenate(phi), np.concatenate(counts)))
 
     # -- behaviour attribution ------------------------------------------------------------------
     def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
@@ -193,3 +260,26 @@ class TorchValueModel(ValueModel):
             if saved.get("per_event_effect") is not None:
                 self.per_event_effect = saved["per_event_effect"]
             self.fit_summary = saved.get("fit_summary") or {}
+
+
+def _traced_or_eager(network: nn.Module, eager: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                     example: dict[str, torch.Tensor],
+                     ) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], bool]:
+    """(the network traced on `example`, float32 outputs as _forward's; True), or (`eager`, False)
+    when tracing fails or the trace does not reproduce the eager outputs bit for bit.
+
+    torch.jit.trace is deprecated in favour of torch.export and torch.compile, but neither serves
+    a few rows faster here: the exported program's module took 0.50 ms per call against eager's
+    0.28 ms and the trace's 0.16 ms (torch 2.13, 2 rows), and torch.compile needs a compiler
+    toolchain at start-up and recompiles per input shape. Hence the trace, its deprecation
+    warning silenced, and eager whenever it cannot be used."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(network, (example,), strict=False, check_trace=False)
+        with torch.inference_mode():
+            same = torch.equal(traced(example).float(), eager(example))
+    except Exception:  # noqa: BLE001 - any failure to trace only costs the speed-up
+        return eager, False
+    return ((lambda batch: traced(batch).float()), True) if same else (eager, False)

@@ -1,4 +1,4 @@
-"""Behaviour-sequence model with a ZILN head ("sequence"): Transformer or GRU over the last L
+"""Behaviour-sequence model with a ZILN head ("sequence"): Transformer, GRU or LSTM over the last L
 events, behaviour-gated attention pooling, aggregate tower; see docs/models.md."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ NEG = -1e9
 
 
 class SequenceParams(TorchParams):
-    encoder: Literal["transformer", "gru"] = "transformer"
+    encoder: Literal["transformer", "gru", "lstm"] = "transformer"
     d_model: int = Field(32, ge=4)
     n_layers: int = Field(1, ge=1)
     n_heads: int = Field(2, ge=1)
@@ -52,7 +52,8 @@ class SequenceNetwork(nn.Module):
                                                activation="gelu", batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, p.n_layers, enable_nested_tensor=False)
         else:
-            self.encoder = nn.GRU(d, d, p.n_layers, batch_first=True, dropout=p.dropout if p.n_layers > 1 else 0.0)
+            recurrent = nn.GRU if p.encoder == "gru" else nn.LSTM
+            self.encoder = recurrent(d, d, p.n_layers, batch_first=True, dropout=p.dropout if p.n_layers > 1 else 0.0)
         self.out_ln = nn.LayerNorm(d)
         self.score = nn.Linear(d, 1)
         self.gate = nn.Parameter(torch.zeros(n_behaviors + 1))
@@ -75,7 +76,8 @@ class SequenceNetwork(nn.Module):
             mask = (torch.ones(width, width, dtype=torch.bool, device=x.device).triu(1) if self.causal else None)
             h = self.encoder(x, mask=mask, src_key_padding_mask=padding, is_causal=self.causal)
         else:
-            # float32 recurrence: cuDNN's GRU does not take bfloat16 everywhere.
+            # float32 recurrence: cuDNN's GRU and LSTM do not take bfloat16 everywhere. Padding comes
+            # after a user's events, so the outputs at real positions never saw it.
             with torch.autocast(device_type=x.device.type, enabled=False):
                 h, _ = self.encoder(x.float())
         h = self.out_ln(h)

@@ -1,0 +1,1 @@
+"""Pages people read: the run report and offline rendering of third-party HTML."""
