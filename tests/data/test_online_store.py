@@ -29,7 +29,7 @@ from uservalue.errors import ConfigError, TransientError
 from uservalue.features.online import EventColumns, concat, event_columns
 from uservalue.serving.event_log import EventLog
 from uservalue.serving.store import ENV_URL, OnlineStore, open_store, redact_url, store_url
-from uservalue.serving.store_codec import StoreFormatError, decode_users, encode_users
+from uservalue.serving.store_codec import FORMAT_VERSION, StoreFormatError, decode_users, encode_users
 
 FIELDS = ("user_id", "t", "behavior", "item_id", "category_id", "amount", "item_hash", "category_hash")
 
@@ -156,7 +156,7 @@ def test_round_trip_by_id_with_unknown_ids(store: OnlineStore, taobao_columns: E
     assert len(nothing) == 0 and unknown == users[:2]
     thirds = [users[i::3] for i in range(3)]
     info = store.replace_all(only(taobao_columns, part) for part in thirds)
-    assert (info.users, info.events, info.format_version) == (len(users), len(taobao_columns), 1)
+    assert (info.users, info.events, info.format_version) == (len(users), len(taobao_columns), FORMAT_VERSION)
     assert info.bytes > 0 and info.backend_bytes > 0 and info.materialized_at
     asked = [users[5], "no-such-user", users[0], users[5], *users[10:20], "другой"]
     got, unknown = store.get(asked)
