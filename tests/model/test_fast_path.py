@@ -36,13 +36,25 @@ def test_every_catalog_model_is_covered() -> None:
     assert set(QUICK) == set(MODEL_NAMES)
 
 
-@pytest.fixture(scope="module", params=MODEL_NAMES)
-def model(request, synthetic_features, tmp_path_factory):
-    name = request.param
-    fitted = create_model(name, QUICK[name], synthetic_features.spec, synthetic_features.horizon_days)
-    fitted.fit(synthetic_features.train,
-               FitContext(seed=0, device="cpu", checkpoint_dir=tmp_path_factory.mktemp(name) / "ckpt"))
-    return fitted
+@pytest.fixture(scope="module")
+def fitted_models(synthetic_features, tmp_path_factory):
+    """name -> the model fitted once on the synthetic features (shared by every test of this module)."""
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            fitted = create_model(name, QUICK[name], synthetic_features.spec, synthetic_features.horizon_days)
+            fitted.fit(synthetic_features.train,
+                       FitContext(seed=0, device="cpu", checkpoint_dir=tmp_path_factory.mktemp(name) / "ckpt"))
+            cache[name] = fitted
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=MODEL_NAMES)
+def model(request, fitted_models):
+    return fitted_models(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +91,10 @@ def test_fast_path_one_user_at_a_time_equals_the_batch(model, eval_arrays) -> No
     _assert_same(model.predict_arrays(eval_arrays.take(rows)), batch.iloc[rows], model.spec.behaviors)
 
 
-def test_deep_fast_path_in_chunks(model, eval_arrays) -> None:
+@pytest.mark.parametrize("name", ["mlp", "sequence"])  # the deep models: they chunk their stacked passes
+def test_deep_fast_path_in_chunks(name, fitted_models, eval_arrays) -> None:
     """More rows than one stacked forward pass holds are scored chunk by chunk, with the same numbers."""
-    if not hasattr(model, "network"):
-        pytest.skip("a deep model's chunking")
+    model = fitted_models(name)
     whole = model.predict_arrays(eval_arrays)
     saved = model.params
     model.params = saved.model_copy(update={"predict_batch_size": 37})
@@ -94,11 +106,12 @@ def test_deep_fast_path_in_chunks(model, eval_arrays) -> None:
         np.testing.assert_allclose(getattr(chunked, name), getattr(whole, name), rtol=1e-6, atol=1e-9)
 
 
-def test_mlp_serves_a_torchscript_trace_traced_on_one_row(model, eval_arrays) -> None:
+def test_mlp_serves_a_torchscript_trace_traced_on_one_row(fitted_models, eval_arrays) -> None:
     """The MLP's fast path runs its network traced by TorchScript (checked bit for bit against eager
-    on the first batch); a trace taken on one row scores any number of rows with the batch's numbers."""
-    if not getattr(model, "traced_inference", False):
-        pytest.skip("the MLP is traced; other models run eager")
+    on the first batch); a trace taken on one row scores any number of rows with the batch's numbers.
+    The other models run eager (sequence: its forward branches on the data)."""
+    model = fitted_models("mlp")
+    assert model.traced_inference and not fitted_models("sequence").traced_inference
     model._traced = None  # trace again, on a single row this time
     model.predict_arrays(eval_arrays.take(np.array([3])))
     assert model.serving_is_traced
