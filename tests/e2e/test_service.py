@@ -17,12 +17,11 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import run_in, set_param
-from tests.support.serving import Server, build_served_project
+from tests.support.serving import EVAL_CUTOFF, Server, build_served_project, eval_users, events_of
 from uservalue.serving.prediction_log import read_prediction_log
 
 pytestmark = pytest.mark.slow
 
-EVAL_CUTOFF = "1998-01-01T00:00:00+00:00"
 MAX_USERS = 60
 
 
@@ -39,18 +38,6 @@ def server(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield running
     if running.process.poll() is None:
         running.stop()
-
-
-def _events_of(project: Path, users: list[str]) -> list[dict]:
-    events = pd.read_parquet(project / "data/validated.parquet")
-    rows = events[events["user_id"].isin(users)].copy()
-    rows["ts"] = rows["ts"].map(lambda t: t.isoformat())
-    return [{k: v for k, v in row.items() if v is not None and not pd.isna(v)} for row in rows.to_dict("records")]
-
-
-def _eval_users(project: Path, n: int, offset: int = 0) -> list[str]:
-    features = pd.read_parquet(project / "data/features/eval.parquet", columns=["user_id"])
-    return features["user_id"].iloc[offset::7].head(n).tolist()
 
 
 SERVED: dict[str, list[dict]] = {"rows": []}  # every prediction returned, to check the log against
@@ -78,8 +65,8 @@ def test_health_probes_and_metadata(server: Server, project: Path) -> None:
 
 
 def test_one_user(server: Server, project: Path) -> None:
-    user = _eval_users(project, 1)[0]
-    response = _predict(server, {"events": _events_of(project, [user]), "as_of": EVAL_CUTOFF})
+    user = eval_users(project, 1)[0]
+    response = _predict(server, {"events": events_of(project, [user]), "as_of": EVAL_CUTOFF})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["as_of"] == EVAL_CUTOFF and len(body["predictions"]) == 1
@@ -91,8 +78,8 @@ def test_one_user(server: Server, project: Path) -> None:
 
 
 def test_served_predictions_equal_the_pipeline_batch(server: Server, project: Path) -> None:
-    users = _eval_users(project, 40)
-    response = _predict(server, {"events": _events_of(project, users), "as_of": EVAL_CUTOFF})
+    users = eval_users(project, 40)
+    response = _predict(server, {"events": events_of(project, users), "as_of": EVAL_CUTOFF})
     assert response.status_code == 200, response.text
     served = pd.DataFrame(response.json()["predictions"]).set_index("user_id").sort_index()
     assert list(served.index) == sorted(users)
@@ -119,9 +106,9 @@ def test_concurrent_requests_are_each_answered_as_if_alone(server: Server, proje
     """Concurrent requests are scored in batches (one feature query, one forward pass): each must
     still get its own users' predictions, also when two requests name the same user id with
     different events."""
-    users = _eval_users(project, 12, offset=5)
-    bodies = [{"events": _events_of(project, [user]), "as_of": EVAL_CUTOFF} for user in users]
-    full = _events_of(project, [users[0]])
+    users = eval_users(project, 12, offset=5)
+    bodies = [{"events": events_of(project, [user]), "as_of": EVAL_CUTOFF} for user in users]
+    full = events_of(project, [users[0]])
     bodies.append({"events": full[: max(1, len(full) // 2)], "as_of": EVAL_CUTOFF})  # users[0] again, less history
     before = _batch_metrics(server)
     with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
@@ -202,15 +189,15 @@ def test_malformed_json_is_a_400_and_the_service_keeps_serving(server: Server, p
     response = httpx.post(f"{server.url}/predict", content=b'{"events": [1, 2', timeout=30,
                           headers={"content-type": "application/json"})
     assert response.status_code == 400 and "JSON" in response.text
-    user = _eval_users(project, 1, offset=3)[0]
-    assert _predict(server, {"events": _events_of(project, [user]), "as_of": EVAL_CUTOFF}).status_code == 200
+    user = eval_users(project, 1, offset=3)[0]
+    assert _predict(server, {"events": events_of(project, [user]), "as_of": EVAL_CUTOFF}).status_code == 200
 
 
 def test_by_id_equals_the_batch_score_command(server: Server, project: Path, tmp_path: Path) -> None:
     """Users asked by id are scored from the online store the materialize stage wrote: the same numbers
     as `uservalue score` (DuckDB's batch SQL) for the same users at the same as_of; an unknown id is
     named under `errors` and the rest of the request is answered."""
-    users = _eval_users(project, 25, offset=3)
+    users = eval_users(project, 25, offset=3)
     as_of = "1998-04-01T00:00:00+00:00"
     response = _predict(server, {"user_ids": [*users, "no-such-user"], "as_of": as_of})
     assert response.status_code == 200, response.text
@@ -248,8 +235,8 @@ def test_events_update_the_store_once_per_event_id(server: Server, project: Path
 def test_prediction_log_holds_what_was_served_after_shutdown(server: Server, project: Path) -> None:
     # Enough rows for the monitor's log window (monitor.min_rows = 100).
     for offset in range(1, 3):
-        users = _eval_users(project, MAX_USERS, offset=offset)
-        assert _predict(server, {"events": _events_of(project, users), "as_of": EVAL_CUTOFF}).status_code == 200
+        users = eval_users(project, MAX_USERS, offset=offset)
+        assert _predict(server, {"events": events_of(project, users), "as_of": EVAL_CUTOFF}).status_code == 200
     assert not list(server.log_dir.glob("date=*/part-*.parquet"))  # thresholds not reached: all buffered
     assert server.stop() == 0
     logged = read_prediction_log(server.log_dir)
