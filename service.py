@@ -1,6 +1,7 @@
 """The BentoML service: the registered champion behind HTTP (POST /predict by user ids and/or events, POST
-/events, POST /metadata; GET /metrics, /readyz, /livez). Thin on purpose: the work is in uservalue.serving
-(docs/serving.md). Built by the `package` stage, started by `make serve`."""
+/events, POST /recommend (top-k items, the packaged recommender), POST /metadata; GET /metrics, /readyz,
+/livez). Thin on purpose: the work is in uservalue.serving (docs/serving.md). Built by the `package` stage,
+started by `make serve`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
 from uservalue.serving.auth import ApiKeyMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware
+from uservalue.serving.recommend import RecommendRequest
 from uservalue.serving.requests import (
     ClientErrorLogFilter,
     Event,
@@ -30,6 +32,8 @@ from uservalue.serving.settings import exit_with_parent
 class BentoArguments(BaseModel):
     # The package stage passes the exact tag it imported; "latest" only serves a development run.
     model_tag: str = "user-value:latest"
+    # The recommender packaged beside it (registry model recs.model_name); none: /recommend answers 503.
+    recs_tag: str | None = None
 
 
 ARGUMENTS = bentoml.use_arguments(BentoArguments)
@@ -42,6 +46,7 @@ logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLogF
 class UserValueService:
     # Declared at class scope so `bentoml build` packages the model (BentoML issues #4702, #5319).
     bento_model = bentoml.models.BentoModel(ARGUMENTS.model_tag)
+    recs_model = bentoml.models.BentoModel(ARGUMENTS.recs_tag) if ARGUMENTS.recs_tag else None
 
     def __init__(self) -> None:
         from uservalue.serving.batching import BatchingPredictor, batch_metrics
@@ -60,6 +65,10 @@ class UserValueService:
         scorer = Scorer(model, self.info, max_events=settings.max_events, max_users=settings.max_users,
                         store=self.store)
         self.intake = EventIntake(self.store, settings, model.spec.behaviors)
+        from uservalue.serving.recommend import Recommending
+
+        self.recommending = Recommending.from_bento_model(self.recs_model, self.store, settings.max_events)
+        self.metadata_record = {**self.metadata_record, "recs_model": self.recommending.info or None}
         # Concurrent requests are scored together (see BatchingPredictor): one feature query and
         # one forward pass per batch instead of per request.
         self.predictor = BatchingPredictor(
@@ -68,11 +77,22 @@ class UserValueService:
 
     @bentoml.api(route="/predict", input_spec=PredictRequest)
     async def predict(self, user_ids: list[Identifier], events: list[Event],
-                      as_of: dt.datetime | None) -> dict[str, Any]:
+                      as_of: dt.datetime | None, explain: str | None = None) -> dict[str, Any]:
         """p_buy, expected value over the horizon and behaviour influence for every user asked by id or in
-        `events`; an unknown id is named under `errors`, the others are answered."""
+        `events`; an unknown id is named under `errors`, the others are answered. explain="effect": each
+        user's per-event effects too."""
         try:
-            return await self.predictor.predict(events, as_of, user_ids)
+            return await self.predictor.predict(events, as_of, user_ids, explain=explain)
+        except RequestError as error:
+            return JSONResponse(error.body(), status_code=error.status)  # type: ignore[return-value]
+
+    @bentoml.api(route="/recommend", input_spec=RecommendRequest)
+    def recommend(self, user_id: Identifier | None, events: list[Event], k: int, as_of: dt.datetime | None,
+                  exclude_bought: bool) -> dict[str, Any]:
+        """The top-k items of one user (by id from the store and/or by events), best first, without the items
+        they bought unless exclude_bought is false; from the packaged recommender."""
+        try:
+            return self.recommending.recommend(user_id, events, k, as_of, exclude_bought)
         except RequestError as error:
             return JSONResponse(error.body(), status_code=error.status)  # type: ignore[return-value]
 

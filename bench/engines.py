@@ -39,11 +39,13 @@ OUT_JSON = Path(__file__).resolve().parent / "out" / "engines.json"
 GIB = 1024**3
 
 
-def _stage_args():
+def _stage_args(events: Path):
     from uservalue.config import load_params
+    from uservalue.data.window import resolve_split_for
 
     params = load_params(ROOT / "params.yaml")
-    return params.split, params.featurize, params.data.behaviors
+    split, _observed = resolve_split_for(params.split, params.data, params.validate_, events)  # split `auto`
+    return split, params.featurize, params.data.behaviors
 
 
 def _shuffle_stages(spark) -> int:
@@ -56,7 +58,7 @@ def _shuffle_stages(spark) -> int:
 
 def _run_child(engine: str, events: Path, out_dir: Path, cores: int, driver_memory: str) -> dict:
     """The timed work, in a fresh interpreter (`--child`)."""
-    split, featurize, behaviors = _stage_args()
+    split, featurize, behaviors = _stage_args(events)
     result: dict = {"engine": engine}
     if engine == "duckdb":
         from uservalue.features.store import write_feature_sets

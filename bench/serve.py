@@ -9,7 +9,8 @@ First the service's compute alone is timed in this process (`--compute`: score, 
 one request, no HTTP). Then three servers are measured one after another, in one run, with the
 same client: a bare uvicorn ASGI app (the floor), a trivial BentoML service with the same input
 type (BentoML's own cost) and the real service on three paths: one user by id (from the online store), one user by events (3
-events sent), and 1,000 users by id in one request (1 client). The client runs on the same cores,
+events sent), and 1,000 users by id in one request (1 client); and POST /recommend of one user by id, k=20 (1 client;
+issue 18), when the Bento packages a recommender. The client runs on the same cores,
 so the figures are comparable with each other, not with a dedicated load generator. Targets
 (issue 15): by id p50 <= 2.5x and req/s >= 0.5x the trivial service's; by events p50 <= 4x and
 req/s >= 0.35x; 1,000 ids p50 <= 100 ms. Printed and written to bench/out/serve.json, never asserted.
@@ -275,6 +276,10 @@ def main() -> None:
             if name == "uservalue_service":
                 results[name] = {path: {f"{c}_clients": asyncio.run(_load(url, c, args.seconds, body)) for c in counts}
                                  for path, (body, counts) in paths.items()}
+                # Top-20 items of one stored user (issue 18), at one client: next to the trivial service's p50.
+                recommend = {"user_id": users[0], "k": 20, "as_of": AS_OF}
+                results[name]["recommend_by_id"] = {"1_clients": asyncio.run(_load(
+                    url.removesuffix("/predict") + "/recommend", 1, args.seconds, recommend))}
             else:
                 results[name] = {f"{c}_clients": asyncio.run(_load(url, c, args.seconds)) for c in args.clients}
         finally:
@@ -286,7 +291,7 @@ def main() -> None:
             path: {clients: {"p50_ratio": row["p50_ms"] / trivial[clients]["p50_ms"],
                              "p99_ratio": row["p99_ms"] / trivial[clients]["p99_ms"],
                              "rps_ratio": row["rps"] / trivial[clients]["rps"]}
-                   for clients, row in rows.items()}
+                   for clients, row in rows.items() if clients in trivial}
             for path, rows in results["uservalue_service"].items() if path != "by_id_1000"}
         print(json.dumps(results["service_vs_trivial_bentoml"], indent=1))
     (OUT / "serve.json").write_text(json.dumps(results, indent=2) + "\n")

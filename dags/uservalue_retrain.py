@@ -42,7 +42,7 @@ whenever a run fails or the new model does not pass the registry's gate.
 
 with DAG(
     dag_id="uservalue_retrain",
-    description="Retrain: DVC stages ingest -> validate -> featurize -> train@<model> -> evaluate -> register -> package",
+    description="Retrain: DVC stages ingest -> validate -> featurize -> train@<model> -> evaluate -> register -> train_recs -> package",
     doc_md=DOC_MD,
     schedule=None,  # triggered: from the UI, the REST API or uservalue_monitor on drift
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
@@ -112,5 +112,6 @@ with DAG(
     trained = train.expand(model=models)
     evaluate = stage_task("evaluate", retries=1)
     register = stage_task("register", retries=2)
+    train_recs = stage_task("train_recs", retries=1)  # the recommender (user-recs), packaged in the same Bento
     package = stage_task("package", retries=1)
-    models >> ingest >> validate >> materialize >> featurize >> trained >> evaluate >> register >> package
+    models >> ingest >> validate >> materialize >> featurize >> trained >> evaluate >> register >> train_recs >> package

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -14,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -21,7 +23,7 @@ from pydantic import (
 
 from uservalue import limits
 from uservalue.errors import ConfigError
-from uservalue.schema import DEFAULT_BEHAVIORS, PURCHASE
+from uservalue.schema import DEFAULT_BEHAVIORS, PURCHASE, RETURN
 
 
 class _Section(BaseModel):
@@ -44,12 +46,23 @@ class TaobaoSource(_Section):
     )
 
 
+class FileReturns(_Section):
+    """Lines whose `column` starts with `prefix` are returns (UCI Online Retail: Invoice 'C...')."""
+
+    column: str = Field(min_length=1, description="column of the file (read as text)")
+    prefix: str = Field(min_length=1, description="a value starting with this marks a return")
+
+
 class FileSource(_Section):
     """A user's own CSV or Parquet file: which of its columns is which canonical column."""
 
     format: Literal["auto", "csv", "parquet"] = "auto"
     delimiter: str = Field(",", min_length=1, max_length=1)
     header: bool = True
+    # Before `columns`, whose check reads it.
+    default_behavior: str | None = Field(
+        None, description="canonical behaviour of every line when columns.behavior is null "
+                          "(an order export: buy)")
     columns: dict[str, str | None] = Field(
         default_factory=lambda: {
             "user_id": "user_id",
@@ -70,20 +83,33 @@ class FileSource(_Section):
         "iso", description="iso | unix_s | unix_ms | a strftime pattern such as %Y-%m-%d %H:%M"
     )
     purchase_amount: float = Field(
-        1.0, ge=0, description="value of a purchase when the file has no amount column"
+        1.0, ge=0, description="value of a purchase when the file has no amount or unit_price column"
     )
+    missing_user: Literal["error", "drop"] = Field(
+        "error", description="a line without a user id: error, or drop it (counted in the ingest summary "
+                             "and written with the reason to the rejects file)")
+    returns: FileReturns | None = Field(
+        None, description="lines that are returns by a column's prefix (an Online Retail cancellation: "
+                          "{column: Invoice, prefix: C}); with 'return' in data.behaviors, negative purchase lines are too")
+    id_normalize: bool = Field(
+        True, description="ids written as floats by spreadsheets ('12345.0') read as '12345'")
 
     @field_validator("columns")
     @classmethod
-    def _known_columns(cls, columns: dict[str, str | None]) -> dict[str, str | None]:
+    def _known_columns(cls, columns: dict[str, str | None], info: ValidationInfo) -> dict[str, str | None]:
         from uservalue.schema import EVENT_COLUMNS
 
-        unknown = sorted(set(columns) - set(EVENT_COLUMNS))
+        allowed = [*EVENT_COLUMNS, "unit_price"]  # unit_price: amount = quantity x unit price
+        unknown = sorted(set(columns) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown canonical columns {unknown}; allowed: {list(EVENT_COLUMNS)}")
-        missing = [c for c in ("user_id", "ts", "behavior") if not columns.get(c)]
+            raise ValueError(f"unknown canonical columns {unknown}; allowed: {allowed}")
+        missing = [c for c in ("user_id", "ts") if not columns.get(c)]
+        if not columns.get("behavior") and not info.data.get("default_behavior"):
+            missing.append("behavior")
         if missing:
-            raise ValueError(f"required canonical columns {missing} need a source column")
+            hint = (" (or set data.file.default_behavior, e.g. buy for a purchase-only file)"
+                    if "behavior" in missing else "")
+            raise ValueError(f"required canonical columns {missing} need a source column{hint}")
         return columns
 
 
@@ -110,6 +136,11 @@ class SyntheticSource(_Section):
     purchase_delay_days: float = Field(3.0, gt=0)
     mean_lifetime_days: float = Field(400.0, gt=0)
     chunk_events: int = Field(2_000_000, ge=10_000, description="events held in memory at once")
+    # Planted user-item affinity (the recommender's truth, issue 18): users of one taste favour the same few
+    # items of each category. 0: items by popularity alone (the log of earlier versions, unchanged).
+    affinity: float = Field(0.0, ge=0, le=1, description="share of events on the user's taste's favourite items")
+    tastes: int = Field(20, ge=1, description="taste groups of users that share favourite items")
+    favorites_per_category: int = Field(5, ge=1, description="favourite items of a taste in each category")
 
     @model_validator(mode="after")
     def _influence_matches_mix(self) -> SyntheticSource:
@@ -150,13 +181,23 @@ class DataParams(_Section):
             raise ValueError(f"data.source '{self.source}' reads a file: set data.path")
         if PURCHASE not in self.behaviors:
             raise ValueError(f"data.behaviors must contain '{PURCHASE}'")
+        if self.source == "file" and self.file.returns is not None and RETURN not in self.behaviors:
+            raise ValueError(f"data.file.returns is set: add '{RETURN}' to data.behaviors "
+                             f"(e.g. [{PURCHASE}, {RETURN}]) so returns are kept as events")
         return self
 
 
+AUTO = "auto"  # a split or window value derived from the source and the data (uservalue.data.window)
+
+
 class ValidateParams(_Section):
-    mode: Literal["fail", "quarantine"] = "fail"
-    ts_min: dt.date | dt.datetime | None = None
-    ts_max: dt.date | dt.datetime | None = Field(None, description="exclusive upper bound")
+    mode: Literal["fail", "quarantine", "auto"] = Field(
+        "fail", description="auto: quarantine for a source documented to hold out-of-window rows (Taobao), "
+                            "else fail (uservalue.data.window)")
+    ts_min: dt.date | dt.datetime | Literal["auto"] | None = Field(
+        None, description="inclusive lower bound; auto: the source's window (uservalue.data.window)")
+    ts_max: dt.date | dt.datetime | Literal["auto"] | None = Field(
+        None, description="exclusive upper bound; auto: the source's window (uservalue.data.window)")
     max_duplicate_share: float = Field(0.01, ge=0, le=1)
     min_users: int = Field(1, ge=0)
     min_purchases: int = Field(1, ge=0)
@@ -169,6 +210,10 @@ class ValidateParams(_Section):
 
     @property
     def window(self) -> tuple[dt.datetime | None, dt.datetime | None]:
+        auto = [f"validate.{k}" for k in ("ts_min", "ts_max") if getattr(self, k) == AUTO]
+        if auto:
+            raise ConfigError(f"{', '.join(auto)} is auto: resolve it for the source first "
+                              "(uservalue.data.window.resolve_window)")
         return (
             _utc(self.ts_min) if self.ts_min is not None else None,
             _utc(self.ts_max) if self.ts_max is not None else None,
@@ -214,25 +259,56 @@ class SparkParams(_Section):
         return value
 
 
+class SplitPreset(_Section):
+    """What `auto` means for one data.source (params split.sources.<source>); a key left out is derived
+    from the log."""
+
+    eval_cutoff: dt.date | dt.datetime | None = None
+    horizon_days: int | None = Field(None, ge=1)
+    train_cutoffs: tuple[dt.date | dt.datetime, ...] | None = None
+
+
 class SplitParams(_Section):
-    eval_cutoff: dt.date | dt.datetime
-    horizon_days: int = Field(..., ge=1)
-    train_cutoffs: tuple[dt.date | dt.datetime, ...] = ()
+    """The cutoffs. Each of eval_cutoff, horizon_days and train_cutoffs may be `auto`: the source's entry in
+    `sources`, else derived from the validated log's time range (uservalue.data.window.resolve_split; the
+    featurize stage writes the result to reports/split.json)."""
+
+    eval_cutoff: dt.date | dt.datetime | Literal["auto"]
+    horizon_days: Annotated[int, Field(ge=1)] | Literal["auto"]
+    train_cutoffs: tuple[dt.date | dt.datetime, ...] | Literal["auto"] = ()
+    train_count: int = Field(2, ge=0, description="auto train_cutoffs: at most this many, stepped back from "
+                                                  "eval_cutoff")
+    sources: dict[str, SplitPreset] = Field(
+        default_factory=dict, description="data.source -> the values `auto` takes for it (CDNOW: the BTYD split)")
 
     @model_validator(mode="after")
     def _train_before_eval(self) -> SplitParams:
+        if self.eval_cutoff == AUTO or self.train_cutoffs == AUTO:
+            return self
         bad = [str(c) for c in self.train_cutoffs if _utc(c) >= _utc(self.eval_cutoff)]
         if bad:
             raise ValueError(f"train_cutoffs {bad} must be earlier than eval_cutoff {self.eval_cutoff}")
         return self
 
     @property
+    def is_resolved(self) -> bool:
+        return AUTO not in (self.eval_cutoff, self.horizon_days, self.train_cutoffs)
+
+    def _require_resolved(self) -> None:
+        if not self.is_resolved:
+            auto = [f"split.{k}" for k in ("eval_cutoff", "horizon_days", "train_cutoffs") if getattr(self, k) == AUTO]
+            raise ConfigError(f"{', '.join(auto)} is auto: resolve the split from the validated log first "
+                              "(uservalue.data.window.resolve_split, reports/split.json)")
+
+    @property
     def eval_cutoff_utc(self) -> dt.datetime:
-        return _utc(self.eval_cutoff)
+        self._require_resolved()
+        return _utc(self.eval_cutoff)  # type: ignore[arg-type]
 
     @property
     def train_cutoffs_utc(self) -> tuple[dt.datetime, ...]:
-        return tuple(sorted(_utc(c) for c in self.train_cutoffs))
+        self._require_resolved()
+        return tuple(sorted(_utc(c) for c in self.train_cutoffs))  # type: ignore[union-attr]
 
 
 # The model catalog, the one list of models: name -> "module:Class" (imported on first use by
@@ -245,6 +321,7 @@ MODEL_CATALOG: dict[str, str] = {
     "linear": "uservalue.models.linear:LinearModel",
     "mlp": "uservalue.models.deep.mlp:MlpModel",
     "sequence": "uservalue.models.deep.sequence:SequenceModel",
+    "gnn": "uservalue.models.deep.gnn:GnnModel",
 }
 MODEL_NAMES = tuple(MODEL_CATALOG)
 
@@ -274,6 +351,8 @@ class _TrainBase(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     valid_fraction: float = Field(0.2, ge=0, lt=1, description="users held out for early stopping")
+    influence_users: int = Field(2000, ge=0, description="training rows the behaviour-influence tables "
+                                                         "(effect, share) are computed on; 0: none")
 
     @field_validator("models")
     @classmethod
@@ -308,8 +387,67 @@ TrainParams = create_model(
 )
 
 
+class MetricBound(_Section):
+    """An absolute bound on one metric: min (at least `target`), max (at most), abs (|value| at most)."""
+
+    target: float
+    direction: Literal["min", "max", "abs"] = Field(
+        description="min: at least `target`; max: at most `target`; abs: |value| at most `target`")
+
+    def holds(self, value: float | None) -> bool:
+        if value is None or math.isnan(value):  # NaN never meets a bound
+            return False
+        if self.direction == "min":
+            return value >= self.target
+        if self.direction == "max":
+            return value <= self.target
+        return abs(value) <= self.target
+
+
 class EvaluateParams(_Section):
     primary_metric: MetricName = "gini"
+    # Ranking alone picks a model whose totals and deciles can be far off; users spend by those, so the
+    # champion is the best by primary_metric among the models that meet every requirement (the register
+    # gate applies the same ones). When none does, the best by primary_metric, flagged in metrics.json.
+    requirements: dict[MetricName, MetricBound] = Field(
+        default_factory=dict, description="metric -> absolute bound a champion must meet")
+
+
+class SearchDimension(_Section):
+    """One hyperparameter's range in `tune.space.<model>`: low..high (log scale if `log`), or choices."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    type: Literal["float", "int"] = "float"
+    choices: tuple[Any, ...] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchDimension:
+        if self.choices is None and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError("give low <= high, or choices")
+        if self.log and self.choices is None and self.low is not None and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class TuneParams(_Section):
+    """`uservalue tune --model <m>` (Optuna): not a DVC stage; it writes its best into train.<m>."""
+
+    trials: int = Field(50, ge=1)
+    timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this long")
+    seed: int = 0
+    valid_fraction: float = Field(0.2, gt=0, lt=1, description="users held out, scored at the latest training cutoff")
+    metric: MetricName | None = Field(None, description="null: evaluate.primary_metric")
+    space: dict[str, dict[str, SearchDimension]] = Field(default_factory=dict)
+
+    @field_validator("space")
+    @classmethod
+    def _known_models(cls, space: dict[str, dict[str, SearchDimension]]) -> dict[str, dict[str, SearchDimension]]:
+        unknown = [m for m in space if m not in MODEL_CATALOG]
+        if unknown:
+            raise ValueError(f"unknown models {unknown}; known: {list(MODEL_NAMES)}")
+        return space
 
 
 class RegisterParams(_Section):
@@ -387,7 +525,9 @@ class MonitorParams(_Section):
     current: Literal["batch", "log"] = Field(
         "batch", description="batch: score the events at as_of; log: the service's prediction log"
     )
-    as_of: dt.datetime | None = Field(None, description="batch: scoring time; null = the day after the last event")
+    as_of: dt.datetime | Literal["latest"] | None = Field(
+        None, description="batch: scoring time; null = the reference's cutoff moved on by how much the log grew "
+                          "since featurize (like with like); latest = the day after the last event")
     log_days: int = Field(1, ge=1, description="log: how many days of the prediction log form the current window")
     prediction_columns: tuple[str, ...] = ("expected_value", "p_buy")
     feature_columns: tuple[str, ...] = ("recency_days", "n_events", "monetary_sum", "buy_count", "tenure_days")
@@ -397,12 +537,9 @@ class MonitorParams(_Section):
     min_rows: int = Field(100, ge=1, description="fewer current rows than this is an error, not a verdict")
 
 
-class MetricTarget(_Section):
+class MetricTarget(MetricBound):
     """A quality target for one metric, with the best anchor measured on the same split (for the report)."""
 
-    target: float
-    direction: Literal["min", "max", "abs"] = Field(
-        description="min: at least `target`; max: at most `target`; abs: |value| at most `target`")
     anchor: float | None = None
     anchor_source: str = ""
 
@@ -415,6 +552,26 @@ class ReportParams(_Section):
     mlflow_ui: str | None = Field("http://127.0.0.1:5000", description="where `make mlflow-ui` serves; null: no link")
 
 
+RecsMetric = Literal["recall_at_20", "ndcg_at_20", "hit_rate_at_10", "coverage"]
+
+
+class RecsParams(_Section):
+    """The train_recs stage: top-K recommenders fitted on events before split.eval_cutoff, scored on the
+    split.horizon_days after it; the best is registered as its own model, promoted through a gate."""
+
+    models: dict[Literal["popularity", "cooccurrence", "nextitem"], dict[str, Any]] = Field(
+        default_factory=lambda: {"popularity": {}, "cooccurrence": {}, "nextitem": {}},
+        description="recommender kind -> its params (uservalue.recs)")
+    exclude_bought: bool = Field(True, description="leave out items the user bought (also the service's default)")
+    truth_behaviors: list[str] | None = Field(None, description="behaviours whose items after the cutoff are the truth; null: all")
+    max_eval_users: int | None = Field(5000, ge=1, description="users evaluated (a sample with train.seed); null: all")
+    primary_metric: RecsMetric = "recall_at_20"
+    model_name: str = Field("user-recs", min_length=1)
+    min_delta: float = Field(0.0, ge=0, description="how much the candidate must beat the champion by")
+    guards: dict[RecsMetric, float] = Field(default_factory=lambda: {"ndcg_at_20": 0.01},
+                                            description="metric -> how much worse than the champion the candidate may be")
+
+
 class Params(_Section):
     # Sections of later stages are theirs to type; tolerate them here.
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
@@ -425,6 +582,7 @@ class Params(_Section):
     split: SplitParams
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    tune: TuneParams = TuneParams()
     register_: RegisterParams = Field(RegisterParams(), alias="register")
     tracking: TrackingParams = TrackingParams()
     package: PackageParams = PackageParams()
@@ -434,6 +592,7 @@ class Params(_Section):
     duckdb: DuckDBParams = DuckDBParams()
     report: ReportParams = ReportParams()
     spark: SparkParams = SparkParams()
+    recs: RecsParams = RecsParams()
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

@@ -6,6 +6,11 @@ import pyarrow as pa
 
 DEFAULT_BEHAVIORS: tuple[str, ...] = ("view", "fav", "cart", "buy")
 PURCHASE = "buy"
+# Goods given back (a transaction log's negative or cancelled lines), with the positive amount and
+# quantity returned. Only logs that can hold returns name it in data.behaviors: the features of a
+# log without it (CDNOW, Taobao, synthetic) have no return columns (features.sql).
+RETURN = "return"
+MONEY_BEHAVIORS: tuple[str, ...] = (PURCHASE, RETURN)  # the behaviours whose events carry an amount
 
 EVENTS_SCHEMA = pa.schema(
     [

@@ -12,11 +12,16 @@ from uservalue.errors import ConfigError
 
 
 def test_repository_params_parse_with_cdnow_split() -> None:
+    from uservalue.data.window import resolve_split
+
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.data.source == "cdnow"
-    assert params.split.eval_cutoff_utc == dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
-    assert params.split.horizon_days == 273
-    assert all(c < params.split.eval_cutoff_utc for c in params.split.train_cutoffs_utc)
+    # `auto` on CDNOW is the literature's split, written out in params.yaml (split.sources.cdnow).
+    log = (dt.datetime(1997, 1, 1, tzinfo=dt.UTC), dt.datetime(1998, 6, 30, tzinfo=dt.UTC))
+    split = resolve_split(params.split, "cdnow", log)
+    assert split.eval_cutoff_utc == dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
+    assert split.horizon_days == 273
+    assert split.train_cutoffs_utc == (dt.datetime(1997, 4, 1, tzinfo=dt.UTC), dt.datetime(1997, 7, 1, tzinfo=dt.UTC))
 
 
 @pytest.mark.parametrize(
@@ -28,7 +33,7 @@ def test_repository_params_parse_with_cdnow_split() -> None:
         ({"data.synthetic.influence": {"view": 2.0, "fav": 0.1, "cart": 0.1}}, "data.synthetic"),
         ({"validate.mode": "lenient"}, "validate.mode"),
         ({"validate.max_duplicate_share": 1.5}, "validate.max_duplicate_share"),
-        ({"split.train_cutoffs": ["1997-12-01"]}, "split"),
+        ({"split.eval_cutoff": "1997-10-01", "split.train_cutoffs": ["1997-12-01"]}, "split"),
         ({"split.horizon_days": 0}, "split.horizon_days"),
         ({"featurize.sequence_lenght": 10}, "featurize.sequence_lenght"),
         ({"data.file.columns": {"user_id": "u", "ts": "t"}}, "data.file.columns"),
@@ -52,7 +57,7 @@ def test_missing_or_unreadable_params_file(tmp_path) -> None:
 
 def test_sections_of_later_issues_are_tolerated(repo_params: dict) -> None:
     params = parse_params(merge(repo_params, {"package.bento_name": "user-value"}))
-    assert params.split.horizon_days == 273
+    assert params.split.sources["cdnow"].horizon_days == 273
 
 
 def test_train_section_is_typed(repo_params: dict) -> None:

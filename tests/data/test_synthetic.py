@@ -14,8 +14,8 @@ from scipy import stats
 
 from tests.conftest import SMALL_SYNTHETIC
 from uservalue.config import SyntheticSource
-from uservalue.features.sql import FeatureSpec, build_features
 from uservalue.data.sources.synthetic import expected_value, generate
+from uservalue.features.sql import FeatureSpec, build_features
 
 CUTOFF = dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
 
@@ -87,3 +87,53 @@ def test_drift_shifts_behaviour_mix_and_spend(tmp_path: Path) -> None:
     assert share(current, "cart") < 0.75 * share(reference, "cart")
     spend = lambda f: f.loc[f["behavior"] == "buy", "amount"].mean()
     assert spend(current) > 1.5 * spend(reference)
+
+
+def test_affinity_changes_only_which_items_and_is_planted_in_the_truth(tmp_path: Path, small_synthetic) -> None:
+    """affinity 0 is the log of earlier versions; with affinity, users of one taste share favourite items."""
+    events, _ = small_synthetic
+    liked = SMALL_SYNTHETIC.model_copy(update={"affinity": 0.6})
+    generate(liked, tmp_path / "a.parquet", tmp_path / "at")
+    plain, with_affinity = pd.read_parquet(events), pd.read_parquet(tmp_path / "a.parquet")
+    same = ["user_id", "ts", "behavior", "category_id", "amount"]
+    assert plain[same].equals(with_affinity[same])
+    assert (plain["item_id"] != with_affinity["item_id"]).mean() > 0.3
+    # An item stays in its category.
+    items_per_category = SMALL_SYNTHETIC.items_per_category
+    assert (with_affinity["item_id"].astype(int) // items_per_category == with_affinity["category_id"].astype(int)).all()
+
+    users = pd.read_parquet(tmp_path / "at" / "users.parquet")
+    favorites = pd.read_parquet(tmp_path / "at" / "favorites.parquet")
+    assert {"taste", "category_0", "category_1", "category_2"} <= set(users.columns)
+    favorite_items = set(zip(favorites["taste"],
+                             favorites["category_id"] * items_per_category + favorites["item_rank"], strict=True))
+    joined = with_affinity.merge(users[["user_id", "taste"]])
+    on_favorite = np.fromiter(((t, int(i)) in favorite_items for t, i in zip(joined["taste"], joined["item_id"],
+                                                                            strict=True)), bool, len(joined))
+    # 60% drawn from the favourites, plus the popularity draws that land on one by chance.
+    assert 0.58 < on_favorite.mean() < 0.7
+    meta = json.loads((tmp_path / "at" / "truth.json").read_text())
+    assert meta["affinity"]["strength"] == 0.6 and meta["affinity"]["tastes"] == liked.tastes
+
+
+def test_affinity_scores_rank_the_planted_favourites_first(tmp_path: Path) -> None:
+    from uservalue.data.sources.synthetic import affinity_scores
+
+    cfg = SyntheticSource(users=50, events_per_user=20, seed=5, affinity=0.8, categories=40, items_per_category=30)
+    generate(cfg, tmp_path / "e.parquet", tmp_path / "t")
+    users = pd.read_parquet(tmp_path / "t" / "users.parquet").set_index("user_id")
+    favorites = pd.read_parquet(tmp_path / "t" / "favorites.parquet")
+    user = users.index[0]
+    row = users.loc[user]
+    top = affinity_scores(tmp_path / "t", [user, "nobody"], 5)
+    assert list(top) == [user]
+    mine = favorites[(favorites["taste"] == row["taste"]) & (favorites["category_id"] == row["category_0"])]
+    expected = {str(int(row["category_0"]) * cfg.items_per_category + r) for r in mine["item_rank"]}
+    assert {item for item, _ in top[user]} == expected  # the first category's favourites carry 0.6 * 0.8 / 5 each
+    scores = [p for _, p in affinity_scores(tmp_path / "t", [user], 1000)[user]]
+    assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0)
+    banned = next(iter(expected))
+    assert banned not in {i for i, _ in affinity_scores(tmp_path / "t", [user], 5, {user: {banned}})[user]}
+    with pytest.raises(ValueError, match="without affinity"):
+        generate(SyntheticSource(users=10, events_per_user=5), tmp_path / "p.parquet", tmp_path / "p")
+        affinity_scores(tmp_path / "p", ["u0"], 5)

@@ -41,10 +41,22 @@ def test_repro_builds_every_stage_on_cdnow(reproduced: Path) -> None:
     lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
     models = yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["models"]
     assert set(lock["stages"]) == {"ingest", "validate", "materialize", "featurize", "evaluate", "register", "package",
-                                   "monitor", "report", *(f"train@{m}" for m in models)}
+                                   "train_recs", "monitor", "report", *(f"train@{m}" for m in models)}
     materialized = json.loads((reproduced / "reports/materialize.json").read_text())
     assert materialized["users"] == 23_570 and materialized["events"] == 69_659
-    assert lock["stages"]["featurize"]["params"]["params.yaml"]["split"]["horizon_days"] == 273
+    assert lock["stages"]["featurize"]["params"]["params.yaml"]["split"]["sources"]["cdnow"]["horizon_days"] == 273
+    # split `auto` on CDNOW: the literature's split, resolved by featurize (issue 17).
+    split = json.loads((reproduced / "reports/split.json").read_text())
+    assert (split["eval_cutoff"], split["horizon_days"]) == ("1997-10-01T00:00:00+00:00", 273)
+    assert split["train_cutoffs"] == ["1997-04-01T00:00:00+00:00", "1997-07-01T00:00:00+00:00"]
+
+
+def test_default_monitor_compares_like_with_like(reproduced: Path) -> None:
+    """Nothing changed since featurize: the batch is scored at the reference's cutoff, no drift (issue 17)."""
+    verdict = json.loads((reproduced / "reports/monitoring/latest.json").read_text())
+    assert verdict["drift_detected"] is False and verdict["drifted_columns"] == [], verdict["columns"]
+    assert verdict["current"]["as_of"] == "1997-10-01T00:00:00+00:00"
+    assert verdict["reference"]["cutoff"].startswith("1997-10-01")
 
 
 def test_repro_trains_evaluates_and_registers_a_champion(reproduced: Path) -> None:

@@ -232,6 +232,79 @@ def test_events_update_the_store_once_per_event_id(server: Server, project: Path
     assert "new-user" not in set(logged["user_id"])  # the store changed, the pipeline's data did not
 
 
+def _recommend_offline(project: Path, user: str, as_of: str, k: int) -> list[str]:
+    """The train_recs stage's champion, loaded from its saved directory, on the user's validated events."""
+    from uservalue.recs.base import load_recommender
+
+    champion = json.loads((project / "reports/recs_metrics.json").read_text())["champion"]
+    events = pd.read_parquet(project / "data/validated.parquet")
+    history = events[(events["user_id"] == user) & (events["ts"] < pd.Timestamp(as_of))]
+    return load_recommender(project / "models/recs" / champion).recommend(history, k)[0].items
+
+
+def test_recommend_by_id_and_by_events_over_http(server: Server, project: Path) -> None:
+    """POST /recommend answers from the packaged `user-recs` champion: by id (the online store) and by events,
+    the offline model's items, best first, without what the user bought unless asked."""
+    registry = json.loads((project / "reports/recs_registry.json").read_text())
+    package = json.loads((project / "reports/package.json").read_text())
+    assert package["recs_model"]["model_name"] == "user-recs"
+    assert package["recs_model"]["model_version"] == registry["champion_version"]
+    assert server.post("/metadata", {}).json()["recs_model"]["model_version"] == registry["champion_version"]
+    events = pd.read_parquet(project / "data/validated.parquet")
+    past = events[events["ts"] < pd.Timestamp(EVAL_CUTOFF)]
+    user = min(set(past.loc[past["behavior"] == "buy", "user_id"]) & set(eval_users(project, 200)))
+    bought = set(past.loc[(past["user_id"] == user) & (past["behavior"] == "buy"), "item_id"])
+
+    by_id = server.post("/recommend", {"user_id": user, "k": 10, "as_of": EVAL_CUTOFF})
+    assert by_id.status_code == 200, by_id.text
+    body = by_id.json()
+    assert body["model_version"] == registry["champion_version"] and body["user_id"] == user
+    items = [row["item_id"] for row in body["items"]]
+    scores = [row["score"] for row in body["items"]]
+    assert len(items) == 10 == len(set(items)) and scores == sorted(scores, reverse=True)
+    assert not set(items) & bought
+    offline = _recommend_offline(project, user, EVAL_CUTOFF, 10)
+    by_events = server.post("/recommend", {"events": events_of(project, [user]), "k": 10, "as_of": EVAL_CUTOFF})
+    assert by_events.status_code == 200, by_events.text
+    assert [row["item_id"] for row in by_events.json()["items"]] == offline
+    # By id the events come from the store (the same events; equal timestamps may be ordered differently).
+    assert len(set(items) & set(offline)) >= 8, (items, offline)
+
+    with_bought = server.post("/recommend", {"user_id": user, "k": 50, "as_of": EVAL_CUTOFF, "exclude_bought": False})
+    assert with_bought.status_code == 200 and len(with_bought.json()["items"]) == 50
+    # A user with no history before as_of gets the most popular items.
+    cold = server.post("/recommend", {"user_id": user, "k": 5, "as_of": "1990-01-01T00:00:00Z"})
+    assert cold.status_code == 200 and len(cold.json()["items"]) == 5, cold.text
+
+
+RECOMMEND_BAD_REQUESTS = {
+    "unknown user": ({"user_id": "no-such-user"}, 404, ["user_id"]),
+    "neither id nor events": ({"k": 5}, 400, ["user_id"]),
+    "k zero": ({"user_id": "a", "k": 0}, 400, ["k"]),
+    "k too large": ({"user_id": "a", "k": 1000}, 400, ["k"]),
+    "k as a string": ({"user_id": "a", "k": "5"}, 400, ["k"]),
+    "events of two users": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "view", "item_id": 1},
+                                        {"user_id": "b", "ts": "1997-03-02", "behavior": "view", "item_id": 2}]},
+                            400, ["events", 1, "user_id"]),
+    "events of another user": ({"user_id": "a", "events": [{"user_id": "b", "ts": "1997-03-01", "behavior": "view"}]},
+                               400, ["events", 0, "user_id"]),
+    "unknown behaviour": ({"events": [{"user_id": "a", "ts": "1997-03-01", "behavior": "click"}]},
+                          400, ["events", 0, "behavior"]),
+    "bad as_of": ({"user_id": "a", "as_of": "soon"}, 400, ["as_of"]),
+    "unknown key": ({"user_id": "a", "n": 5}, 400, ["n"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECOMMEND_BAD_REQUESTS))
+def test_recommend_bad_input_is_a_4xx_naming_the_field(server: Server, case: str) -> None:
+    body, status, loc = RECOMMEND_BAD_REQUESTS[case]
+    response = server.post("/recommend", body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert any(item["loc"] == loc for item in detail), detail
+    assert all(item["msg"] for item in detail)
+
+
 def test_prediction_log_holds_what_was_served_after_shutdown(server: Server, project: Path) -> None:
     # Enough rows for the monitor's log window (monitor.min_rows = 100).
     for offset in range(1, 3):

@@ -16,7 +16,6 @@ from uservalue.config import MODEL_NAMES
 from uservalue.features.online import FeatureArrays, event_columns, online_arrays
 from uservalue.models.base import FitContext
 from uservalue.models.catalog import create_model
-from uservalue.models.deep import occlusion
 from uservalue.models.deep.data import as_batch, batch_arrays, build_tensors
 from uservalue.serving.scorer import score_features
 
@@ -26,8 +25,9 @@ QUICK = {
     "btyd": {},
     "gbdt": {"max_rounds": 60, "early_stopping_rounds": 10},
     "linear": {},
-    "mlp": {"max_epochs": 1, "user_buckets": 1024, "influence_rows": 256},
-    "sequence": {"max_epochs": 1, "d_model": 16, "tower": 16, "hidden": [16], "influence_rows": 256},
+    "mlp": {"max_epochs": 1, "user_buckets": 1024},
+    "sequence": {"max_epochs": 1, "d_model": 16, "tower": 16, "hidden": [16]},
+    "gnn": {"max_epochs": 1, "embedding_dim": 16, "neighbors": 8, "tower": 16, "hidden": [16]},
 }
 COLUMNS = ["p_buy", "expected_value"]
 
@@ -76,6 +76,10 @@ def _assert_same(fast, batch: pd.DataFrame, behaviors: tuple[str, ...]) -> None:
 def test_fast_path_equals_batch_scoring(model, eval_arrays) -> None:
     batch = score_features(model, eval_arrays.to_pandas())  # what `uservalue score` and the monitor run
     fast = model.predict_arrays(eval_arrays)
+    # The numbers of predict() on the DataFrame (the influence reads the model through predict_outputs).
+    predicted = model.predict(eval_arrays.to_pandas())
+    np.testing.assert_allclose(fast.p_buy, predicted["p_buy"].to_numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fast.expected_value, predicted["expected_value"].to_numpy(), rtol=1e-6, atol=1e-9)
     assert len(fast) == len(eval_arrays) and fast.influence.shape == (len(eval_arrays), len(model.spec.behaviors))
     _assert_same(fast, batch, model.spec.behaviors)
     shares = fast.influence.sum(axis=1)
@@ -91,7 +95,7 @@ def test_fast_path_one_user_at_a_time_equals_the_batch(model, eval_arrays) -> No
     _assert_same(model.predict_arrays(eval_arrays.take(rows)), batch.iloc[rows], model.spec.behaviors)
 
 
-@pytest.mark.parametrize("name", ["mlp", "sequence"])  # the deep models: they chunk their stacked passes
+@pytest.mark.parametrize("name", ["mlp", "sequence", "gnn"])  # the deep models: they chunk their forward passes
 def test_deep_fast_path_in_chunks(name, fitted_models, eval_arrays) -> None:
     """More rows than one stacked forward pass holds are scored chunk by chunk, with the same numbers."""
     model = fitted_models(name)
@@ -118,21 +122,14 @@ def test_mlp_serves_a_torchscript_trace_traced_on_one_row(fitted_models, eval_ar
     _assert_same(model.predict_arrays(eval_arrays), score_features(model, eval_arrays.to_pandas()), model.spec.behaviors)
 
 
-def test_numpy_occlusion_equals_the_torch_one(synthetic_features, eval_arrays) -> None:
-    """without_arrays (the fast path's) and without (training's and the batch path's) remove the same
-    tokens and edit the same aggregates, for every behaviour."""
+def test_batch_arrays_equal_the_tensors_of_the_dataframe(synthetic_features, eval_arrays) -> None:
+    """batch_arrays (the deep models' predict_outputs input) and build_tensors (their training and
+    predict() input) give the same model input."""
     spec = synthetic_features.spec
     columns = spec.aggregate_columns()
     arrays = batch_arrays(eval_arrays, columns, spec.sequence_length, user_buckets=64)
     tensors = build_tensors(eval_arrays.to_pandas(), columns, spec.sequence_length,
                             synthetic_features.horizon_days, user_buckets=64, labels=False)
     reference = tensors.batch(torch.arange(len(tensors)))
-    for name, value in as_batch(arrays, torch.device("cpu")).items():  # the same model input
+    for name, value in as_batch(arrays, torch.device("cpu")).items():
         assert torch.equal(value, reference[name]), name
-    plan = occlusion.removal_plan(columns, spec.behaviors)
-    for player, behavior in enumerate(spec.behaviors):
-        expected = occlusion.without(reference, [player], plan)
-        got = as_batch(occlusion.without_arrays(arrays, player, plan), torch.device("cpu"))
-        assert int((reference["behavior"] == player + 1).sum()) > 0, f"no {behavior} event to remove"
-        for name in ("agg", "behavior", "category", "item", "continuous", "lengths"):
-            assert torch.equal(torch.nan_to_num(got[name]), torch.nan_to_num(expected[name])), (behavior, name)

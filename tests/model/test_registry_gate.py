@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import merge
-from uservalue.config import RegisterParams, parse_params
+from uservalue.config import MetricBound, RegisterParams, parse_params
 from uservalue.lifecycle.context import StageContext
-from uservalue.lifecycle.evaluate import run_evaluate, score_model
+from uservalue.lifecycle.evaluate import choose_champion, run_evaluate, score_model
 from uservalue.lifecycle.registry import CHALLENGER, CHAMPION, decide, load_version, run_register
 from uservalue.lifecycle.tracking import GIT_COMMIT_TAG
 from uservalue.lifecycle.train import train_model
@@ -75,7 +75,7 @@ def _no_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_gate_sequence_first_worse_better(project: Project, cdnow_features) -> None:
     # 1. The first model becomes champion.
     first = project.cycle("historical", {"window_days": 90})
-    assert first["decision"]["alias"] == CHAMPION and first["decision"]["reasons"] == ["no champion yet"]
+    assert first["decision"]["alias"] == CHAMPION and first["decision"]["reasons"][0] == "no champion yet"
     assert project.alias(CHAMPION) == first["candidate"]["version"] == "1"
 
     # 2. A worse one becomes challenger; the champion stays.
@@ -142,8 +142,14 @@ def test_gate_scores_a_registered_version_as_evaluate_scored_it(project: Project
 def test_gbdt_run_logs_the_influence_table(project: Project) -> None:
     record = json.loads((project.root / "models" / "gbdt" / "run.json").read_text())
     influence = mlflow.artifacts.load_dict(f"runs:/{record['run_id']}/influence.json")
-    assert set(influence) == {"view", "fav", "cart", "buy"}
-    assert sum(influence.values()) == pytest.approx(1.0)
+    assert influence == json.loads((project.root / "models" / "gbdt" / "influence.json").read_text())
+    assert set(influence["share"]) == {"view", "fav", "cart", "buy"}
+    assert sum(influence["share"].values()) == pytest.approx(1.0)
+    # CDNOW has purchases only: no effect for the behaviours the model never saw, all of the share to buy.
+    assert influence["effect"] == {"view": None, "fav": None, "cart": None}
+    assert influence["share"]["buy"] == pytest.approx(1.0)
+    run = mlflow.get_run(record["run_id"])
+    assert run.data.metrics["influence_share_buy"] == pytest.approx(1.0)
 
 
 GATE = RegisterParams(primary_metric="gini", min_delta=0.01, guards={"auc": 0.01, "total_error": 0.05})
@@ -170,6 +176,45 @@ def test_decide(changes: dict, promote: bool) -> None:
 
 def test_decide_without_champion_promotes() -> None:
     assert decide(BASE, None, GATE).promote
+
+
+REQUIREMENTS = {"decile_mape": MetricBound(target=0.30, direction="max"),
+                "total_error": MetricBound(target=0.10, direction="abs")}
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "promote"),
+    [
+        ({"gini": 0.75, "decile_mape": 0.35}, {}, False),  # better ranking, deciles off: the champion meets them
+        ({"gini": 0.75, "total_error": -0.12}, {}, False),  # |total error| beyond 10 %, whatever the sign
+        ({"gini": 0.75, "decile_mape": 0.35}, {"decile_mape": 0.40}, True),  # neither meets it: not a blocker
+        ({"gini": 0.75, "decile_mape": 0.29, "total_error": 0.05}, {}, True),
+    ],
+)
+def test_decide_requirements(candidate: dict, champion: dict, promote: bool) -> None:
+    decision = decide({**BASE, **candidate}, {**BASE, **champion}, GATE, REQUIREMENTS)
+    assert decision.promote is promote, decision.reasons
+    if not promote:
+        assert any("requirement" in reason for reason in decision.reasons)
+
+
+def test_first_model_is_champion_even_if_it_misses_a_requirement() -> None:
+    decision = decide({**BASE, "decile_mape": 0.5}, None, GATE, REQUIREMENTS)
+    assert decision.promote
+    assert any("decile_mape 0.5000 misses max 0.3" in reason for reason in decision.reasons)
+
+
+def test_champion_is_best_ranking_among_calibrated_models() -> None:
+    # The CDNOW run of issue 16: mlp ranks best but its deciles are 35 % off.
+    table = {"mlp": {**BASE, "gini": 0.721, "decile_mape": 0.353, "total_error": -0.081},
+             "sequence": {**BASE, "gini": 0.720, "decile_mape": 0.281, "total_error": 0.057},
+             "gbdt": {**BASE, "gini": 0.710, "decile_mape": 0.165, "total_error": 0.088}}
+    choice = choose_champion(table, "gini", REQUIREMENTS)
+    assert (choice.champion, choice.eligible, choice.requirements_met) == ("sequence", ["sequence", "gbdt"], True)
+    assert choose_champion(table, "gini").champion == "mlp"  # no requirements: ranking alone
+    strict = {"decile_mape": MetricBound(target=0.1, direction="max")}
+    fallback = choose_champion(table, "gini", strict)  # nobody qualifies: best by gini, flagged
+    assert (fallback.champion, fallback.eligible, fallback.requirements_met) == ("mlp", [], False)
 
 
 def test_lower_is_better_primary_metric() -> None:

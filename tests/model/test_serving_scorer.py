@@ -16,7 +16,7 @@ from uservalue.serving.prediction_log import PredictionLog, read_prediction_log
 from uservalue.serving.requests import Event, RequestError
 from uservalue.serving.scorer import Scorer, score_events, score_features
 
-# Two models with different feature paths: aggregates only, and sequences with occlusion influence.
+# Two models with different feature paths: aggregates only, and sequences.
 SERVED = {"linear": {}, "sequence": {"max_epochs": 1}}
 
 
@@ -65,6 +65,48 @@ def test_served_prediction_equals_the_pipeline_batch(served_model, synthetic_fea
     logged = scorer.log_frame(scorer.score_batch([request]))
     assert {"request_time", "model_version", "user_id", "p_buy", "expected_value", "recency_days"} <= set(logged)
     assert logged["user_id"].tolist() == sorted(users) and set(logged["request_id"]) == {request.request_id}
+
+
+def test_explain_effect_returns_each_users_per_event_effects(served_model, synthetic_features,
+                                                              small_synthetic) -> None:
+    """"explain": "effect": per user, the change one more event of each behaviour at as_of makes
+    (models.influence.per_user_effects on the user's row); asked by one request of a batch, only its
+    users get them, and the other numbers are unchanged."""
+    from uservalue.features.online import online_arrays
+    from uservalue.models import influence
+
+    events = pd.read_parquet(small_synthetic[0])
+    cutoff = dt.datetime.fromisoformat(synthetic_features.meta["splits"]["eval"][0]["cutoff"])
+    users = synthetic_features.eval["user_id"].iloc[::131].head(3).tolist()
+    scorer = Scorer(served_model, ModelInfo(name="user-value", version="7"), max_events=100_000, max_users=100)
+    explained = scorer.prepare(_request_events(events, users[:2]), cutoff, explain="effect")
+    plain = scorer.prepare(_request_events(events, users[2:]), cutoff)
+    batch = scorer.score_batch([explained, plain])
+    first, second = scorer.answers(batch)
+    assert [r["user_id"] for r in first["predictions"]] == sorted(users[:2])
+    assert all("effect" not in r for r in second["predictions"])
+    alone = scorer.answers(scorer.score_batch([scorer.prepare(_request_events(events, users[:2]), cutoff)]))[0]
+    for with_effect, without in zip(first["predictions"], alone["predictions"], strict=True):
+        assert {k: v for k, v in with_effect.items() if k != "effect"} == without
+    rows = online_arrays(_columns(events, users[:2]), cutoff, served_model.spec)
+    d_value, d_p = influence.per_user_effects(served_model, rows)
+    for k, answer in enumerate(first["predictions"]):
+        assert set(answer["effect"]) == {"view", "fav", "cart"}  # every behaviour but the purchase
+        for j, b in enumerate(("view", "fav", "cart")):
+            assert answer["effect"][b]["expected_value"] == pytest.approx(d_value[k, j], rel=1e-6, abs=1e-9)
+            assert answer["effect"][b]["p_buy"] == pytest.approx(d_p[k, j], rel=1e-6, abs=1e-12)
+    with pytest.raises(RequestError, match="explain"):
+        scorer.prepare(_request_events(events, users[:1]), cutoff, explain="shapley")
+
+
+def _columns(events: pd.DataFrame, users: list[str]):
+    import pyarrow as pa
+
+    from uservalue.features.online import event_columns
+    from uservalue.schema import EVENTS_SCHEMA
+
+    rows = events[events["user_id"].isin(users)]
+    return event_columns(pa.Table.from_pandas(rows, schema=EVENTS_SCHEMA, preserve_index=False))
 
 
 def test_a_user_without_history_before_as_of_is_a_client_error(served_model) -> None:

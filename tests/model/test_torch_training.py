@@ -31,7 +31,7 @@ from uservalue.models.deep.occlusion import drop_tokens
 from uservalue.models.deep.runtime import resolve_device
 
 TINY = {"hidden": [16], "tower": 16, "embedding_dim": 4, "user_buckets": 64, "batch_size": 256,
-        "max_epochs": 4, "patience": 10, "influence_rows": 0}
+        "max_epochs": 4, "patience": 10}
 METRICS = {"train_loss", "valid_loss", "epoch_seconds", "samples_per_second"}
 
 

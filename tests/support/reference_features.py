@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from uservalue.features.sql import LABEL_COLUMNS, SECONDS_PER_DAY, FeatureSpec
-from uservalue.schema import PURCHASE
+from uservalue.schema import PURCHASE, RETURN
 
 DAY = SECONDS_PER_DAY
 # The sequence columns this reference reproduces (the hashed bucket columns are left out).
@@ -73,6 +73,11 @@ def _aggregates(history: pd.DataFrame, T: float, spec: FeatureSpec) -> pd.DataFr
             helpers[f"is_{b}_{w}d"] = is_b & (t >= T - w * DAY)
     for w in spec.windows_days:
         helpers[f"buy_amount_{w}d"] = history["amount"].where(is_buy & (t >= T - w * DAY))
+    is_return = history["behavior"] == RETURN
+    if spec.returns:
+        helpers["return_amount"] = history["amount"].where(is_return)
+        for w in spec.windows_days:
+            helpers[f"return_amount_{w}d"] = history["amount"].where(is_return & (t >= T - w * DAY))
     frame = history.assign(**helpers)
 
     named: dict[str, tuple[str, str]] = {
@@ -96,6 +101,10 @@ def _aggregates(history: pd.DataFrame, T: float, spec: FeatureSpec) -> pd.DataFr
             named[f"{b}_count_{w}d"] = (f"is_{b}_{w}d", "sum")
     for w in spec.windows_days:
         named[f"monetary_sum_{w}d"] = (f"buy_amount_{w}d", "sum")
+    if spec.returns:
+        named["return_amount_sum"] = ("return_amount", "sum")
+        for w in spec.windows_days:
+            named[f"return_amount_sum_{w}d"] = (f"return_amount_{w}d", "sum")
     g = frame.groupby("user_id", sort=True).agg(**named)
 
     out = pd.DataFrame(index=g.index)
@@ -121,6 +130,10 @@ def _aggregates(history: pd.DataFrame, T: float, spec: FeatureSpec) -> pd.DataFr
     out["monetary_max"] = g["monetary_max"].fillna(0.0)
     for w in spec.windows_days:
         out[f"monetary_sum_{w}d"] = g[f"monetary_sum_{w}d"]
+    if spec.returns:
+        out["return_amount_sum"] = g["return_amount_sum"]
+        for w in spec.windows_days:
+            out[f"return_amount_sum_{w}d"] = g[f"return_amount_sum_{w}d"]
     out["purchase_days"] = g["purchase_days"].astype("int32")
     out["btyd_frequency"] = (g["purchase_days"] - 1).clip(lower=0).astype("int32")
     out["btyd_recency_days"] = ((g["buy_t_max"] - g["buy_t_min"]) / DAY).fillna(0.0)
@@ -148,12 +161,16 @@ def _sequences(history: pd.DataFrame, T: float, spec: FeatureSpec) -> pd.DataFra
 
 
 def _labels(events: pd.DataFrame, T: float, E: float, users: pd.Index) -> pd.DataFrame:
-    """Purchases in [T, E) of the users in the population (0 for users who bought nothing)."""
-    window = events[(events["behavior"] == PURCHASE) & (events["t"] >= T) & (events["t"] < E)]
+    """Purchases in [T, E) of the users in the population (0 for users who bought nothing); value is
+    net spend: purchases minus returns in [T, E), floored at 0."""
+    in_horizon = (events["t"] >= T) & (events["t"] < E)
+    window = events[(events["behavior"] == PURCHASE) & in_horizon]
     g = window.groupby("user_id")["amount"].agg(value="sum", n_purchases="size")
     g = g.reindex(users, fill_value=0)
+    returned = events[(events["behavior"] == RETURN) & in_horizon].groupby("user_id")["amount"].sum()
+    returned = returned.reindex(users, fill_value=0.0)
     out = pd.DataFrame(index=users)
-    out["value"] = g["value"].astype("float64")
+    out["value"] = (g["value"].astype("float64") - returned.astype("float64")).clip(lower=0.0)
     out["n_purchases"] = g["n_purchases"].astype("int32")
     out["bought"] = out["n_purchases"] > 0
     assert list(out.columns) == list(LABEL_COLUMNS)

@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from uservalue.cli.common import ParamsOption, counting, err, load, path_option, progress_bar, reports_errors
+from uservalue.cli.common import (
+    ParamsOption,
+    counting,
+    err,
+    load,
+    path_option,
+    progress_bar,
+    reports_errors,
+)
 from uservalue.errors import ConfigError, InputError
 
 
@@ -22,16 +30,26 @@ def ingest(
         str | None, typer.Option(help="Override data.source: cdnow | taobao | synthetic | file.")
     ] = None,
     path: Annotated[str | None, typer.Option(help="Override data.path (file read by taobao / file).")] = None,
+    rejects: Annotated[Path | None, typer.Option(
+        help="CSV of the lines set aside (guests under data.file.missing_user: drop), with row and reason "
+             "[default: rejects.csv beside --out].")] = None,
+    summary: Annotated[Path | None, typer.Option(help="Write the ingest summary (events, lines set aside) as JSON here.")] = None,
 ) -> None:
     """Read the configured source (params `data`) into one canonical events table."""
     from uservalue.data.sources import ingest as run_ingest
+    from uservalue.io import write_json
 
     cfg = load(params, {"data.source": source, "data.path": path})
     with progress_bar() as progress:
         task = progress.add_task(f"ingest {cfg.data.source}", total=None)
-        result = run_ingest(cfg.data, out, truth_dir)
+        result = run_ingest(cfg.data, out, truth_dir, rejects)
         progress.update(task, completed=result.events, total=result.events)
-    err.print(f"ingest: {result.events:,} events from {result.source} -> {out}")
+    if summary is not None:
+        write_json(summary, result.summary())
+    dropped = sum(result.rejected.values())
+    dropped_text = (f"; {dropped:,} line(s) dropped ({', '.join(f'{n:,} {r}' for r, n in result.rejected.items())})"
+                    f" -> {result.rejects}") if dropped else ""
+    err.print(f"ingest: {result.events:,} events from {result.source} -> {out}{dropped_text}")
 
 
 @reports_errors
@@ -41,18 +59,25 @@ def validate(
     out: Path = path_option("data/validated.parquet", "Events that passed, written only if the gate passes."),
     quarantine: Path = path_option("data/quarantine.parquet", "Rows moved aside in quarantine mode, with the reason."),
     report_dir: Path = path_option("reports/validation", "Validation result (JSON), summary and Data Docs (HTML)."),
-    mode: Annotated[str | None, typer.Option(help="Override validate.mode: fail | quarantine.")] = None,
+    mode: Annotated[str | None, typer.Option(help="Override validate.mode: fail | quarantine | auto.")] = None,
 ) -> None:
     """Run the Great Expectations suite (params `validate`); exit 1 if the gate fails."""
     from uservalue.data.validation import validate_file
+    from uservalue.data.window import resolve_window_for
 
     cfg = load(params, {"validate.mode": mode})
     if not events.is_file():
         raise InputError(events, "file does not exist", expected="the output of `uservalue ingest`")
+    # validate.ts_min/ts_max and mode `auto`: the source's window (a file's: its own range plus a margin), mode.
+    checks = resolve_window_for(cfg.validate_, cfg.data, events)
+    if checks is not cfg.validate_:
+        lower, upper = checks.window
+        err.print(f"validate: for {cfg.data.source}: window [{lower.isoformat() if lower else '-'}, "
+                  f"{upper.isoformat() if upper else '-'}), mode {checks.mode}", markup=False, soft_wrap=True)
     with progress_bar() as progress:
         task = progress.add_task("validate", total=None)
         outcome = validate_file(
-            events, cfg.validate_, cfg.data.behaviors,
+            events, checks, cfg.data.behaviors,
             out=out, quarantine_out=quarantine, report_dir=report_dir,
         )
         progress.update(task, completed=outcome.rows, total=outcome.rows)
@@ -68,25 +93,39 @@ def featurize(
     events: Path = path_option("data/validated.parquet", "Validated canonical events."),
     out_dir: Path = path_option("data/features", "Directory for train.parquet, eval.parquet, meta.json."),
     engine: Annotated[str | None, typer.Option(help="Override featurize.engine: duckdb | spark.")] = None,
+    split_out: Annotated[
+        Path | None, typer.Option(help="Write the resolved cutoffs here (JSON; the DVC stage: reports/split.json).")
+    ] = None,
 ) -> None:
-    """Build features and labels at the cutoffs of params `split` (definition: params `featurize`;
-    engine: `featurize.engine`, duckdb or spark on the session of params `spark`)."""
+    """Build features and labels at the cutoffs of params `split` (`auto` values resolved from the events'
+    time range; definition: params `featurize`; engine: `featurize.engine`, duckdb or spark on the session
+    of params `spark`)."""
+    from uservalue.data.window import resolve_split_for, split_record
+    from uservalue.io import write_json
+
     cfg = load(params, {"featurize.engine": engine})
     engine = cfg.featurize.engine
     if not events.is_file():
         raise InputError(events, "file does not exist", expected="the output of `uservalue validate`")
+    split, observed = resolve_split_for(cfg.split, cfg.data, cfg.validate_, events)
+    record = split_record(cfg.split, split, cfg.data.source, observed)
+    err.print(f"featurize: eval cutoff {record['eval_cutoff']}, horizon {record['horizon_days']} days, train cutoffs "
+              f"{', '.join(record['train_cutoffs']) or 'none'} (from {record['origin']['eval_cutoff']})", markup=False,
+              soft_wrap=True)
     with progress_bar() as progress:
         task = progress.add_task(f"featurize ({engine})", total=None)
         if engine == "spark":
             from uservalue.features.spark import write_feature_sets_spark
 
-            rows = write_feature_sets_spark(events, cfg.split, cfg.featurize, cfg.data.behaviors, out_dir,
+            rows = write_feature_sets_spark(events, split, cfg.featurize, cfg.data.behaviors, out_dir,
                                             cfg.spark)
         else:
             from uservalue.features.store import write_feature_sets
 
-            rows = write_feature_sets(events, cfg.split, cfg.featurize, cfg.data.behaviors, out_dir)
+            rows = write_feature_sets(events, split, cfg.featurize, cfg.data.behaviors, out_dir)
         progress.update(task, completed=sum(rows.values()), total=sum(rows.values()))
+    if split_out is not None:
+        write_json(split_out, record)
     err.print(f"featurize ({engine}): " + ", ".join(f"{k}={v:,} users" for k, v in rows.items()) + f" -> {out_dir}")
 
 
@@ -114,8 +153,8 @@ def generate(
 ) -> None:
     """Generate a Taobao-like log with planted truth (defaults from params `data.synthetic`)."""
     from uservalue.config import SyntheticSource, describe_validation_error
-    from uservalue.schema import DEFAULT_BEHAVIORS
     from uservalue.data.sources.synthetic import generate as run_generate
+    from uservalue.schema import DEFAULT_BEHAVIORS
 
     # params.yaml supplies the defaults when present; the generator also works without one.
     base = load(params).data if params.is_file() else None

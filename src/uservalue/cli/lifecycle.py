@@ -1,4 +1,4 @@
-"""Commands of the lifecycle stages: train, evaluate, register, package, monitor, and batch `score`."""
+"""Commands of the lifecycle stages: train, evaluate, register, package, monitor, batch `score`, and `tune`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from uservalue.cli import common
-from uservalue.cli.common import FeaturesDirOption, ModelsDirOption, ParamsOption, err, load, path_option, progress_bar
+from uservalue.cli.common import (
+    FeaturesDirOption,
+    ModelsDirOption,
+    ParamsOption,
+    err,
+    load,
+    path_option,
+    progress_bar,
+)
 from uservalue.errors import EXIT_DRIFT, ConfigError, InputError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,6 +73,30 @@ def train(
     influence = ", ".join(f"{k}={v:.3f}" for k, v in (result.influence or {}).items())
     err.print(f"train {model}: {result.seconds:.1f} s, run {result.run_id}" + (f", influence {influence}" if influence else ""),
               markup=False)
+
+
+@reports_errors
+def tune(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to tune (a key of params tune.space).")],
+    params: ParamsOption = Path("params.yaml"),
+    features_dir: FeaturesDirOption = Path("data/features"),
+    trials: Annotated[int | None, typer.Option(min=1, help="Trials (overrides tune.trials).")] = None,
+    timeout_s: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    out: Path = path_option("reports/tune/<model>.json", "Summary: best params, metric, MLflow parent run."),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the best params; leave params.yaml as it is.")] = False,
+) -> None:
+    """Search a model's hyperparameters on the training cutoffs (Optuna; params `tune`), each trial a nested
+    MLflow run; write the best into train.<model> of params.yaml, so the next `dvc repro` uses them."""
+    from uservalue.lifecycle.tune import tune_model, write_best_params, write_summary
+
+    result = tune_model(stage_context(params), model, features_dir, trials=trials, timeout_s=timeout_s)
+    write_summary(Path(str(out).replace("<model>", model)), result)
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items())
+    err.print(f"tune {model}: best {result.metric}={result.best_value:.4f} of {result.trials} trials in "
+              f"{result.seconds:.0f} s (MLflow run {result.parent_run_id}): {shown}", markup=False)
+    if not dry_run:
+        write_best_params(params, result)
+        err.print(f"tune {model}: written to train.{model} in {params}; `dvc repro` retrains with them", markup=False)
 
 
 @reports_errors
@@ -162,12 +194,15 @@ def monitor(
         Path | None, typer.Option(help="Prediction log (monitor.current=log); default: params serve.log_dir.")
     ] = None,
     fail_on_drift: Annotated[bool, typer.Option(help="Exit 3 when drift is detected (for schedulers).")] = False,
+    split: Path = path_option("reports/split.json", "The featurize stage's split record (which log the reference "
+                                                    "was built from; absent: the batch is scored at its cutoff)."),
 ) -> None:
     """Compare the champion's current predictions with its evaluation-time reference (Evidently)."""
     from uservalue.lifecycle.monitor import run_monitor
 
     ctx = stage_context(params, {"monitor.current": current})
-    verdict = run_monitor(ctx, events, features_dir, log_dir or ctx.path(ctx.params.serve.log_dir), out_dir)
+    verdict = run_monitor(ctx, events, features_dir, log_dir or ctx.path(ctx.params.serve.log_dir), out_dir,
+                          split_record=split)
     drifted = ", ".join(verdict["drifted_columns"]) or "none"
     err.print(f"monitor: drift_detected={str(verdict['drift_detected']).lower()} "
               f"(drifted share {verdict['drifted_share']:.2f}; drifted columns: {drifted}) -> {out_dir}/latest.json",

@@ -9,7 +9,6 @@ import typer
 
 from uservalue.cli.common import ParamsOption, err, load, path_option, progress_bar, reports_errors
 
-
 StoreUrlOption = Annotated[str | None, typer.Option(
     help="The store: sqlite:///<path> | redis://host:port/db (else USERVALUE_STORE_URL, else params serve.store.url).")]
 

@@ -66,7 +66,8 @@ def plan(
     project_dir: ProjectDirOption = Path("."),
     set_: SetOption = None,
 ) -> None:
-    """Check overrides against params.yaml and print what a retrain would run (one JSON line)."""
+    """Check overrides against params.yaml and print what a retrain would run (one JSON line): the models,
+    their train stages and the cutoffs (`split: auto` resolved from data/validated.parquet, as featurize will)."""
     import json
 
     from uservalue.config import parse_assignments
@@ -84,7 +85,12 @@ def airflow(
     """Airflow standalone for this project: its DAGs, AIRFLOW_HOME in .airflow/, the UI on 127.0.0.1."""
     import os
 
-    from uservalue.orchestration.airflow_local import ADMIN_USER, ensure_admin_password, prepare, standalone_env
+    from uservalue.orchestration.airflow_local import (
+        ADMIN_USER,
+        ensure_admin_password,
+        prepare,
+        standalone_env,
+    )
 
     env = standalone_env(project_dir, port, host)
     password_path = Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])

@@ -31,7 +31,7 @@ from uservalue.config import ValidateParams
 from uservalue.duck import connect, sql_string
 from uservalue.errors import InputError, ValidationFailed
 from uservalue.io import atomic_dir, atomic_path, write_json
-from uservalue.schema import EVENTS_SCHEMA, PURCHASE, REQUIRED_COLUMNS
+from uservalue.schema import EVENTS_SCHEMA, MONEY_BEHAVIORS, PURCHASE, REQUIRED_COLUMNS, RETURN
 
 SUITE_NAME = "canonical_events"
 DUPLICATE_KEY = ["user_id", "ts", "behavior", "item_id", "category_id", "quantity", "amount"]
@@ -100,6 +100,11 @@ def build_suite(
 
     E = gx.expectations
     is_purchase, not_purchase = Column("behavior") == PURCHASE, Column("behavior") != PURCHASE
+    no_money, no_money_where, no_money_text = not_purchase, f'behavior!="{PURCHASE}"', "non-purchases"
+    if RETURN in behaviors:  # a return carries the (positive) amount given back
+        no_money = Column("behavior").is_not_in(list(MONEY_BEHAVIORS))
+        no_money_where = f"behavior not in {list(MONEY_BEHAVIORS)}"
+        no_money_text = "behaviours other than purchases and returns"
     row_level: list[Any] = []
     for column in REQUIRED_COLUMNS:
         row_level.append(E.ExpectColumnValuesToNotBeNull(column=column))
@@ -108,8 +113,8 @@ def build_suite(
         E.ExpectColumnValuesToBeBetween(column="amount", min_value=0, max_value=limits.AMOUNT_MAX),
         E.ExpectColumnValuesToBeBetween(
             column="amount", min_value=0, max_value=0,
-            row_condition=not_purchase, description="amount is 0 for non-purchases",
-            meta={"where": f'behavior!="{PURCHASE}"'},
+            row_condition=no_money, description=f"amount is 0 for {no_money_text}",
+            meta={"where": no_money_where},
         ),
         E.ExpectColumnValuesToBeBetween(column="quantity", min_value=0, max_value=limits.QUANTITY_MAX),
         # The service's identifier rule (uservalue.limits): what the gate passes, the service accepts.

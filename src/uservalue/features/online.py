@@ -18,7 +18,7 @@ import pyarrow as pa
 from uservalue import duck
 from uservalue.features import buckets
 from uservalue.features.sql import SECONDS_PER_DAY, SEQUENCE_COLUMNS, FeatureSpec, _epoch
-from uservalue.schema import PURCHASE
+from uservalue.schema import PURCHASE, RETURN
 
 DAY = SECONDS_PER_DAY
 DEFAULT_SPEC = FeatureSpec()
@@ -447,6 +447,13 @@ def online_arrays(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = 
     for w, m in in_window.items():
         mb = m[is_buy]
         cols[f"monetary_sum_{w}d"] = np.bincount(ub[mb], weights=buy_amount[mb], minlength=U)
+    if spec.returns:  # the money given back, as features.sql's return_amount_sum columns
+        is_return = np.array([b == RETURN for b in ev.behaviors], dtype=bool)[ev.behavior[order]]
+        ur, return_amount = u[is_return], amount[is_return]
+        cols["return_amount_sum"] = np.bincount(ur, weights=return_amount, minlength=U)
+        for w, m in in_window.items():
+            mr = m[is_return]
+            cols[f"return_amount_sum_{w}d"] = np.bincount(ur[mr], weights=return_amount[mr], minlength=U)
     purchase_days = np.bincount(ub[_changes(ub, day[is_buy])], minlength=U).astype(np.int32)
     first_buy = _segment_first(ub, buy_t, U, last=False)
     last_buy = _segment_first(ub, buy_t, U, last=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from uservalue.config import MetricBound
 from uservalue.errors import InputError
 from uservalue.features.store import read_features, read_meta
 from uservalue.io import atomic_path, write_json, write_text
@@ -33,9 +35,28 @@ class Evaluation:
     deciles: pd.DataFrame  # long: model, decile, n, mean_actual, mean_predicted
 
 
-def choose_champion(all_metrics: dict[str, dict[str, float]], primary: str) -> str:
+@dataclass(frozen=True)
+class ChampionChoice:
+    champion: str
+    eligible: list[str]  # the models meeting every requirement (train.models order)
+    requirements_met: bool  # False: no model met them all; the champion is the best by primary alone
+
+
+def unmet_requirements(row: dict[str, float], requirements: Mapping[str, MetricBound]) -> list[str]:
+    """The requirements one model's metrics miss, as readable reasons (empty: it meets them all)."""
+    return [f"{metric} {row.get(metric, float('nan')):.4f} misses {bound.direction} {bound.target}"
+            for metric, bound in requirements.items() if not bound.holds(row.get(metric))]
+
+
+def choose_champion(all_metrics: dict[str, dict[str, float]], primary: str,
+                    requirements: Mapping[str, MetricBound] | None = None) -> ChampionChoice:
+    """The best model by `primary` among those meeting every requirement (evaluate.requirements)."""
+    requirements = requirements or {}
+    eligible = [name for name, row in all_metrics.items() if not unmet_requirements(row, requirements)]
+    pool = eligible or list(all_metrics)
     # Ties go to the model listed first (train.models order), so the choice is deterministic.
-    return max(all_metrics, key=lambda name: metrics.score(primary, all_metrics[name][primary]))
+    champion = max(pool, key=lambda name: metrics.score(primary, all_metrics[name][primary]))
+    return ChampionChoice(champion, eligible, bool(eligible))
 
 
 def score_model(model: ValueModel, features: pd.DataFrame, where: str | Path = "model") -> tuple[pd.DataFrame, dict[str, float]]:
@@ -127,13 +148,17 @@ def run_evaluate(ctx: StageContext, features_dir: str | Path, models_dir: str | 
     features = read_features(features_dir, "eval")
     evaluation = evaluate_models(params.train.models, models_dir, features)
     primary = params.evaluate.primary_metric
-    champion = choose_champion(evaluation.metrics, primary)
+    choice = choose_champion(evaluation.metrics, primary, params.evaluate.requirements)
+    champion = choice.champion
     cutoff = meta.eval_cutoff.isoformat()
     runs = {name: json.loads((models_dir / name / "run.json").read_text()) for name in params.train.models}
     report = {
         "models": evaluation.metrics,
         "champion": champion,
         "primary_metric": primary,
+        "requirements": {m: b.model_dump() for m, b in params.evaluate.requirements.items()},
+        "eligible": choice.eligible,
+        "requirements_met": choice.requirements_met,
         "eval_cutoff": cutoff,
         "horizon_days": meta.horizon_days,
         "users": len(features),
@@ -153,7 +178,10 @@ def run_evaluate(ctx: StageContext, features_dir: str | Path, models_dir: str | 
     actual = evaluation.deciles[evaluation.deciles["model"] == champion][["decile", "mean_actual"]]
     with atomic_path(plots_dir / "deciles_actual.csv") as tmp:
         actual.rename(columns={"mean_actual": "actual"}).to_csv(tmp, index=False)
-    write_text(table_path, comparison_markdown(evaluation, champion, primary, cutoff, meta.horizon_days))
+    from uservalue.lifecycle.influence_report import influence_section  # the evaluate stage's alone
+
+    write_text(table_path, comparison_markdown(evaluation, champion, primary, cutoff, meta.horizon_days)
+               + "\n" + influence_section(params, models_dir))
     with atomic_path(predictions_path) as tmp:
         evaluation.predictions.to_parquet(tmp, index=False)
 

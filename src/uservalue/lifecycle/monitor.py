@@ -1,5 +1,8 @@
 """The monitor stage: Evidently drift of the champion's predictions and key features, current window
-against the evaluation-time reference, as an HTML report and a JSON verdict (docs/monitoring.md)."""
+against the evaluation-time reference, as an HTML report and a JSON verdict (docs/monitoring.md).
+
+Like is compared with like: the default batch window scores the events at the reference's cutoff, moved on
+by as much as the log has grown (`batch_as_of`), so an unchanged log is not flagged for its users' age."""
 
 from __future__ import annotations
 
@@ -112,8 +115,38 @@ def default_as_of(events: pd.DataFrame | str | Path) -> dt.datetime:
     return (last.floor("D") + pd.Timedelta(days=1)).to_pydatetime()
 
 
-def current_window(cfg: MonitorParams, model: Any, events: Path, log_dir: Path, now: dt.datetime) -> tuple[pd.DataFrame, dict]:
-    """The predictions to compare with the reference: a freshly scored batch or the prediction log."""
+def batch_as_of(cfg: MonitorParams, events: str | Path, reference_cutoff: dt.datetime | None,
+                reference_last_event: dt.datetime | None = None) -> tuple[dt.datetime, str]:
+    """When the batch monitor scores the events, and why (monitor.as_of):
+
+    - a time: that time;
+    - `latest`: the day after the last event (a cohort that has aged since the reference drifts by age alone);
+    - null (like with like): the reference's cutoff moved on by as many days as the log has grown since the
+      features were built (`reference_last_event`, from reports/split.json), so both windows sit at the same
+      distance from the end of their log; an unchanged log is scored at the reference's own cutoff. Without a
+      reference cutoff (no evaluation features), the day after the last event.
+    """
+    from uservalue.data.window import floor_day, time_range
+
+    if isinstance(cfg.as_of, dt.datetime):
+        as_of = cfg.as_of if cfg.as_of.tzinfo else cfg.as_of.replace(tzinfo=dt.UTC)
+        return as_of, "monitor.as_of"
+    if cfg.as_of == "latest" or reference_cutoff is None:
+        return default_as_of(events), "the day after the last event" + (
+            " (monitor.as_of: latest)" if cfg.as_of == "latest" else " (no reference cutoff)")
+    reference_cutoff = reference_cutoff if reference_cutoff.tzinfo else reference_cutoff.replace(tzinfo=dt.UTC)
+    if reference_last_event is None:
+        return reference_cutoff, "the reference's cutoff (like with like; no record of the log it was built from)"
+    shift = floor_day(time_range(events)[1]) - floor_day(reference_last_event)
+    return reference_cutoff + shift, (f"the reference's cutoff moved on by {shift.days} days, as much as the log "
+                                      "grew since featurize (like with like)")
+
+
+def current_window(cfg: MonitorParams, model: Any, events: Path, log_dir: Path, now: dt.datetime,
+                   reference_cutoff: dt.datetime | None = None, reference_last_event: dt.datetime | None = None
+                   ) -> tuple[pd.DataFrame, dict]:
+    """The predictions to compare with the reference: a freshly scored batch (at `batch_as_of`) or the
+    prediction log."""
     from uservalue.serving.prediction_log import read_prediction_log
     from uservalue.serving.scorer import score_events
 
@@ -129,16 +162,32 @@ def current_window(cfg: MonitorParams, model: Any, events: Path, log_dir: Path, 
                        "model_versions": sorted(map(str, frame["model_version"].unique()))}
     if not events.is_file():
         raise InputError(events, "file does not exist", expected="validated events to score")
-    as_of = cfg.as_of or default_as_of(events)
-    as_of = as_of if as_of.tzinfo else as_of.replace(tzinfo=dt.UTC)
+    as_of, rule = batch_as_of(cfg, events, reference_cutoff, reference_last_event)
     frame = score_events(model, events, as_of)
-    return frame, {"source": "batch", "path": str(events), "as_of": as_of.isoformat(), "rows": len(frame)}
+    return frame, {"source": "batch", "path": str(events), "as_of": as_of.isoformat(), "as_of_rule": rule,
+                   "rows": len(frame)}
+
+
+def reference_log_end(split_record: str | Path | None) -> dt.datetime | None:
+    """The last event of the log the evaluation features were built from (reports/split.json), if recorded."""
+    import json
+
+    if split_record is None or not Path(split_record).is_file():
+        return None
+    try:
+        last = (json.loads(Path(split_record).read_text()).get("log") or {}).get("last_event")
+        return pd.Timestamp(last).to_pydatetime() if last else None
+    except ValueError as error:
+        raise InputError(split_record, f"not a split record ({error})", column="log.last_event",
+                         expected="JSON written by `uservalue featurize --split-out`") from None
 
 
 def run_monitor(ctx: StageContext, events: str | Path, features_dir: str | Path, log_dir: str | Path,
-                out_dir: str | Path, now: dt.datetime | None = None) -> dict[str, Any]:
+                out_dir: str | Path, now: dt.datetime | None = None,
+                split_record: str | Path | None = None) -> dict[str, Any]:
     """The monitor stage: champion predictions on the evaluation features (reference) against the
-    current window; Evidently report and verdict to `out_dir`, and both to an MLflow run."""
+    current window; Evidently report and verdict to `out_dir`, and both to an MLflow run. `split_record`
+    (reports/split.json) says which log the features were built from (the batch window's alignment)."""
     import mlflow
 
     from uservalue.lifecycle import tracking
@@ -150,7 +199,9 @@ def run_monitor(ctx: StageContext, events: str | Path, features_dir: str | Path,
     model, info = load_registered(ctx)
     eval_features = read_features(Path(features_dir), "eval")
     reference = score_features(model, eval_features)
-    current, current_meta = current_window(params.monitor, model, Path(events), Path(log_dir), now)
+    reference_cutoff = pd.Timestamp(eval_features["cutoff"].iloc[0]).to_pydatetime() if len(eval_features) else None
+    current, current_meta = current_window(params.monitor, model, Path(events), Path(log_dir), now,
+                                           reference_cutoff, reference_log_end(split_record))
     snapshot, verdict = drift_report(reference, current, params.monitor)
     verdict = {
         **verdict,

@@ -1,5 +1,6 @@
 """The package stage: the registered champion into the BentoML model store (labels: registry version,
-run, metrics), then an offline `bentoml build` with that exact model tag -> reports/package.json."""
+run, metrics), and the recommender's champion (recs.model_name) when there is one, then an offline
+`bentoml build` with those exact model tags -> reports/package.json."""
 
 from __future__ import annotations
 
@@ -76,6 +77,38 @@ def _import_model(version: Any, run: Any, params: Params) -> Any:
         raise TransientError(f"importing models:/{name}/{version.version} into the BentoML store: {error}") from error
 
 
+def _import_recs(ctx: StageContext) -> tuple[Any, Any] | None:
+    """(BentoML model, registry version) of the recommender's `package.model_alias` version; None without one."""
+    import bentoml
+
+    from uservalue.lifecycle.recs_registry import registered_recs_version
+
+    version = registered_recs_version(ctx, ctx.params.package.model_alias)
+    if version is None:
+        return None
+    name = ctx.params.recs.model_name
+    labels = {**registry_labels(name, version.version, version.run_id), TYPE_LABEL: version.tags.get("model", "")}
+    try:
+        stored = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        stored = []
+    except OSError as error:
+        raise TransientError(f"BentoML store {os.environ.get('BENTOML_HOME')}: {error}") from error
+    for existing in stored:
+        if all(existing.info.labels.get(k) == v for k, v in labels.items()):
+            return existing, version
+    metadata = {"registered_as": ctx.params.package.model_alias,
+                "metrics": {k.removeprefix("eval_"): float(v) for k, v in version.tags.items() if k.startswith("eval_")
+                            and k != "eval_cutoff"},
+                "eval_cutoff": version.tags.get("eval_cutoff", "")}
+    try:
+        model = bentoml.mlflow.import_model(name, model_uri=f"models:/{name}/{version.version}", labels=labels,
+                                            metadata=metadata)
+    except OSError as error:
+        raise TransientError(f"importing models:/{name}/{version.version} into the BentoML store: {error}") from error
+    return model, version
+
+
 def build_wheel(project_dir: Path) -> Path:
     """The uservalue wheel the Bento installs (built offline from this checkout)."""
     out = project_dir / WHEEL_DIR
@@ -129,8 +162,8 @@ def prune_bentos(name: str, keep: int, current: str) -> list[str]:
         bentoml.bentos.delete(str(bento.tag))
         deleted.append(str(bento.tag))
     used = {str(m.tag) for b in kept for m in b.info.all_models}
-    model_name = next((str(m.tag).split(":")[0] for b in kept for m in b.info.all_models), None)
-    if model_name is not None:
+    # Every model name the kept Bentos use (the value model and the recommender).
+    for model_name in sorted({str(m.tag).split(":")[0] for b in kept for m in b.info.all_models}):
         for model in bentoml.models.list(model_name):
             if str(model.tag) not in used:
                 bentoml.models.delete(str(model.tag))
@@ -147,10 +180,12 @@ def run_package(ctx: StageContext, bentofile: str | Path, out_path: str | Path) 
     clean_build_debris(Path(env["BENTOML_HOME"]))
     version, run = _champion(ctx)
     model = _import_model(version, run, params)
+    recs = _import_recs(ctx)
     build_wheel(project_dir)
     labels = registry_labels(params.register_.model_name, version.version, version.run_id)
     command = [str(Path(sys.executable).with_name("bentoml")), "build", str(project_dir), "-f", str(bentofile),
                "--name", params.package.bento_name, "--output", "tag", "--arg", f"model_tag={model.tag}",
+               *(["--arg", f"recs_tag={recs[0].tag}"] if recs else []),
                *[arg for k, v in labels.items() for arg in ("--label", f"{k}={v}")]]
     done = subprocess.run(command, cwd=project_dir, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -167,6 +202,9 @@ def run_package(ctx: StageContext, bentofile: str | Path, out_path: str | Path) 
         "model_version": str(version.version),
         "run_id": version.run_id,
         "model_type": run.data.tags.get("model", ""),
+        "recs_model": ({"bento_model": str(recs[0].tag), "model_name": params.recs.model_name,
+                        "model_version": str(recs[1].version), "run_id": recs[1].run_id,
+                        "model_type": recs[1].tags.get("model", "")} if recs else None),
     }
     write_json(out_path, record)
     keep = params.package.keep_bentos

@@ -5,6 +5,7 @@ evaluate.score_model), else `challenger`. One alias update: never a registry wit
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,13 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from uservalue.config import RegisterParams
+from uservalue.config import MetricBound, RegisterParams
 from uservalue.errors import InputError
 from uservalue.features.store import read_features
 from uservalue.io import write_json
 from uservalue.lifecycle import metrics
 from uservalue.lifecycle.context import StageContext
-from uservalue.lifecycle.evaluate import score_model
+from uservalue.lifecycle.evaluate import score_model, unmet_requirements
 from uservalue.models.base import ModelInfo
 from uservalue.models.catalog import load_model
 
@@ -32,15 +33,20 @@ class GateDecision:
     reasons: list[str] = field(default_factory=list)
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float] | None, cfg: RegisterParams) -> GateDecision:
-    """Pure gate logic: promote when the primary metric improves by min_delta and no guard
-    metric is worse than its tolerance (all compared as 'higher is better' scores)."""
+def decide(candidate: dict[str, float], champion: dict[str, float] | None, cfg: RegisterParams,
+           requirements: Mapping[str, MetricBound] | None = None) -> GateDecision:
+    """Pure gate logic: promote when the primary metric improves by min_delta, no guard metric is
+    worse than its tolerance (all compared as 'higher is better' scores), and the candidate meets the
+    absolute requirements (evaluate.requirements) whenever the champion does."""
+    unmet = unmet_requirements(candidate, requirements or {})
     if champion is None:
-        return GateDecision(True, ["no champion yet"])
+        return GateDecision(True, ["no champion yet", *(f"requirement {reason}" for reason in unmet)])
     reasons: list[str] = []
+    if unmet and not unmet_requirements(champion, requirements or {}):
+        reasons.extend(f"requirement {reason} (the champion meets it)" for reason in unmet)
     primary = cfg.primary_metric
     gain = metrics.score(primary, candidate[primary]) - metrics.score(primary, champion[primary])
-    promote = gain >= cfg.min_delta and gain > 0
+    promote = gain >= cfg.min_delta and gain > 0 and not reasons
     reasons.append(
         f"{primary}: candidate {candidate[primary]:.4f} vs champion {champion[primary]:.4f} "
         f"(improvement {gain:+.4f}, required > 0 and >= {cfg.min_delta})"
@@ -111,7 +117,7 @@ def run_register(ctx: StageContext, metrics_path: str | Path, models_dir: str | 
     else:
         champion_metrics = (score_model(load_version(name, champion.version), features, f"models:/{name}/{champion.version}")[1]
                             if champion else None)
-        decision = decide(candidate_metrics, champion_metrics, cfg)
+        decision = decide(candidate_metrics, champion_metrics, cfg, params.evaluate.requirements)
         # One alias update: the registry is never without a champion.
         client.set_registered_model_alias(name, CHAMPION if decision.promote else CHALLENGER, version.version)
     champion_now = current_alias(client, name, CHAMPION)
@@ -128,6 +134,7 @@ def run_register(ctx: StageContext, metrics_path: str | Path, models_dir: str | 
         "primary_metric": cfg.primary_metric,
         "min_delta": cfg.min_delta,
         "guards": dict(cfg.guards),
+        "requirements": {m: b.model_dump() for m, b in params.evaluate.requirements.items()},
     }
     write_json(out_path, record)
     return record

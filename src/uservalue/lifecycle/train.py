@@ -17,8 +17,10 @@ from uservalue.features.store import feature_user_ids, read_features, read_meta
 from uservalue.io import atomic_dir, write_json
 from uservalue.lifecycle import tracking
 from uservalue.lifecycle.context import StageContext
-from uservalue.models.base import FitContext
+from uservalue.models import influence as influence_lib
+from uservalue.models.base import FitContext, ValueModel
 from uservalue.models.catalog import create_model
+from uservalue.models.influence import InfluenceTables
 
 CHECKPOINT_ROOT = Path(".cache") / "checkpoints"
 
@@ -29,8 +31,9 @@ class TrainResult:
     run_id: str
     model_uri: str
     summary: dict[str, float]
-    influence: dict[str, float] | None
+    influence: dict[str, float] | None  # the global share table
     seconds: float
+    tables: InfluenceTables | None = None
 
 
 def train_model(
@@ -87,11 +90,12 @@ def train_model(
         numeric = {f"fit_{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)}
         mlflow.log_metrics(numeric)
         mlflow.log_params({f"fit.{k}": v for k, v in summary.items() if not isinstance(v, int | float)})
+        influence_started = time.perf_counter()
+        tables = behaviour_influence(model, train, params.train.influence_users, params.train.seed)
         influence = model.influence()
-        if influence:
-            mlflow.log_dict(influence, "influence.json")
-            mlflow.log_table(pd.DataFrame({"behavior": list(influence), "influence": list(influence.values())}),
-                             "influence_table.json")
+        if tables is not None:
+            log_influence(tables)
+            mlflow.log_metric("influence_seconds", time.perf_counter() - influence_started)
         with atomic_dir(out_dir) as tmp:
             model.save(tmp / "model")
             info = tracking.log_value_model(tmp / "model", train, model)
@@ -103,9 +107,50 @@ def train_model(
                 "tracking_uri": mlflow.get_tracking_uri(),
             }
             write_json(tmp / "run.json", record)
-            write_json(tmp / "influence.json", influence or {})
+            write_json(tmp / "influence.json", {} if tables is None else tables.to_dict())
             write_json(tmp / "summary.json", dict(summary))
-    return TrainResult(name, run.info.run_id, info.model_uri, summary, influence, time.perf_counter() - started)
+    return TrainResult(name, run.info.run_id, info.model_uri, summary, influence, time.perf_counter() - started,
+                       tables)
+
+
+def behaviour_influence(model: ValueModel, train: pd.DataFrame, users: int, seed: int) -> InfluenceTables | None:
+    """The effect and share tables (models.influence) of a behaviour-aware model on `users` training
+    rows drawn with `seed`, set on the model (saved with it); None for the others or users = 0."""
+    if not model.behavior_aware or users <= 0:
+        return None
+    rows = influence_lib.sample_rows(len(train), users, seed)
+    arrays = influence_lib.arrays_from_frame(train.iloc[rows], model.spec)
+    tables = influence_lib.influence_tables(model, arrays,
+                                            influence_lib.seen_behaviors(train, model.spec.behaviors))
+    model.set_influence(tables)
+    return tables
+
+
+def influence_frame(tables: InfluenceTables) -> pd.DataFrame:
+    """Both tables as one row per behaviour: share, effect on expected_value and on p_buy (with
+    their 95% intervals); effect null for the purchase and for behaviours never seen in training."""
+    rows = []
+    for b, share in tables.share.items():
+        effect, effect_p = tables.effect.get(b), tables.effect_p_buy.get(b)
+        rows.append({
+            "behavior": b, "share": share,
+            "effect": None if effect is None else effect["mean"],
+            "effect_low": None if effect is None else effect["low"],
+            "effect_high": None if effect is None else effect["high"],
+            "effect_p_buy": None if effect_p is None else effect_p["mean"],
+        })
+    return pd.DataFrame(rows)
+
+
+def log_influence(tables: InfluenceTables) -> None:
+    """MLflow: influence.json (both tables), influence_table.json, and one metric per number."""
+    mlflow.log_dict(tables.to_dict(), "influence.json")
+    mlflow.log_table(influence_frame(tables), "influence_table.json")
+    metrics = {f"influence_share_{b}": v for b, v in tables.share.items()}
+    metrics.update({f"influence_effect_{b}": v["mean"] for b, v in tables.effect.items() if v is not None})
+    metrics.update({f"influence_effect_p_buy_{b}": v["mean"] for b, v in tables.effect_p_buy.items()
+                    if v is not None})
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
 
 
 def sample_users(user_ids: np.ndarray, max_rows: int | None, seed: int) -> list[str] | None:

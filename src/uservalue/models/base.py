@@ -18,10 +18,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from uservalue.errors import ConfigError, InputError
 from uservalue.features.online import FeatureArrays
 from uservalue.features.sql import FeatureSpec
+from uservalue.models import influence as influence_lib
 from uservalue.schema import PURCHASE
 
 PREDICTION_COLUMNS = ("user_id", "p_buy", "expected_value")
 MODEL_FILE = "model.json"
+PREDICT_CHUNK = 4096  # rows per predict_arrays call of predict_with_influence
 
 
 @dataclass(frozen=True)
@@ -88,16 +90,6 @@ def aggregate_matrix(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     return frame[columns].to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def behavior_of_column(column: str, behaviors: tuple[str, ...]) -> str | None:
-    """Which behaviour an aggregate column describes (`cart_count_7d` -> cart); monetary -> buy."""
-    for b in behaviors:
-        if column.startswith(f"{b}_"):
-            return b
-    if column.startswith(("monetary_", "btyd_")) or column == "purchase_days":
-        return "buy"
-    return None
-
-
 @dataclass(frozen=True)
 class ArrayPredictions:
     """predict_with_influence's numbers as arrays, row for row (the fast path's output)."""
@@ -145,40 +137,79 @@ class ValueModel(ABC):
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         """Columns user_id, p_buy (over the horizon) and expected_value (over the horizon)."""
 
+    # Whether the model reads behaviours other than the purchase: the behaviour-influence tables
+    # (uservalue.models.influence) are defined for such models; the others owe every prediction
+    # to the purchase history.
+    behavior_aware: ClassVar[bool] = True
+
+    def predict_outputs(self, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray]:
+        """(p_buy, expected_value) of feature arrays, clipped as predict()'s: the one call behaviour
+        influence reads a model through (models.influence). This generic version builds the
+        DataFrame; the models override it to read the arrays directly."""
+        predictions = self.predict(features.to_pandas())
+        return (predictions["p_buy"].to_numpy(dtype=np.float64),
+                predictions["expected_value"].to_numpy(dtype=np.float64))
+
+    @property
+    def influence_tables(self) -> influence_lib.InfluenceTables | None:
+        """The global behaviour-influence tables (effect and share) set after fitting (the train
+        stage computes them, models.influence.influence_tables) and saved with the model."""
+        return getattr(self, "_influence_tables", None)
+
+    def set_influence(self, tables: influence_lib.InfluenceTables | None) -> None:
+        self._influence_tables = tables
+
     def influence(self) -> dict[str, float] | None:
         """Global share of influence per behaviour type (sums to 1), when the model has one."""
-        return None
+        tables = self.influence_tables
+        return None if tables is None or not self.behavior_aware else dict(tables.share)
 
     def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
-        """Per user, the share of expected_value attributed to each behaviour (rows sum to 1).
-
-        This default is for models that look only at purchases (historical, BTYD): all of their
-        prediction comes from the purchase behaviour."""
+        """Per user, the share of expected_value attributed to each behaviour (rows sum to 1): the
+        Shapley shares of models.influence, or for a model that looks only at purchases
+        (historical, BTYD) all of it owed to the purchase behaviour."""
         frame = pd.DataFrame({"user_id": features["user_id"].astype(str).to_numpy()})
+        if not self.behavior_aware:
+            shares = self.purchase_only_influence(len(features))
+            for i, b in enumerate(self.spec.behaviors):
+                frame[b] = shares[:, i]
+            return frame
+        predictions = self.predict_with_influence(features)
         for b in self.spec.behaviors:
-            frame[b] = 1.0 if b == PURCHASE else 0.0
+            frame[b] = predictions[f"influence_{b}"].to_numpy(dtype=np.float64)
         return frame
 
     def predict_with_influence(self, features: pd.DataFrame) -> pd.DataFrame:
         """[user_id, p_buy, expected_value, influence_<behaviour>...] in one call: what the service,
-        batch scoring and the monitor read. Models whose attribution reuses the prediction's
-        work (the deep models) override it to prepare their inputs once."""
-        predictions = self.predict(features)
-        shares = self.attribute(features)
-        for behavior in self.spec.behaviors:
-            predictions[f"influence_{behavior}"] = shares[behavior].to_numpy(dtype="float64")
+        batch scoring and the monitor read. A behaviour-aware model's numbers are predict_arrays'
+        on the frame's rows (in chunks: the Shapley shares score 2^behaviours rows per row)."""
+        if not self.behavior_aware:
+            predictions = self.predict(features)
+            shares = self.attribute(features)
+            for behavior in self.spec.behaviors:
+                predictions[f"influence_{behavior}"] = shares[behavior].to_numpy(dtype="float64")
+            return predictions
+        arrays = influence_lib.arrays_from_frame(features, self.spec)
+        parts = [self.predict_arrays(arrays.take(np.arange(start, min(start + PREDICT_CHUNK, len(arrays)))))
+                 for start in range(0, len(arrays), PREDICT_CHUNK)]
+        predictions = pd.DataFrame({"user_id": features["user_id"].astype(str).to_numpy()})
+        predictions["p_buy"] = np.concatenate([p.p_buy for p in parts]) if parts else np.zeros(0)
+        predictions["expected_value"] = np.concatenate([p.expected_value for p in parts]) if parts else np.zeros(0)
+        influence = (np.concatenate([p.influence for p in parts]) if parts
+                     else np.zeros((0, len(self.spec.behaviors))))
+        for i, behavior in enumerate(self.spec.behaviors):
+            predictions[f"influence_{behavior}"] = influence[:, i]
         return predictions
 
     def predict_arrays(self, features: FeatureArrays) -> ArrayPredictions:
         """predict_with_influence on feature arrays (the online engine's output, un-keyed user ids):
-        the service's path. This generic version builds the DataFrame the batch path would; models
-        that can read the arrays directly (the deep, linear, GBDT and historical models) override
-        it to skip that, with the same numbers (tests/model/test_fast_path.py)."""
-        predictions = self.predict_with_influence(features.to_pandas())
-        return ArrayPredictions(
-            predictions["p_buy"].to_numpy(dtype=np.float64),
-            predictions["expected_value"].to_numpy(dtype=np.float64),
-            predictions[[f"influence_{b}" for b in self.spec.behaviors]].to_numpy(dtype=np.float64))
+        the service's path. The prediction and every behaviour coalition of the Shapley shares are
+        scored in one predict_outputs call (models.influence.predict_with_shares)."""
+        if not self.behavior_aware:
+            return self._clipped(*self.predict_outputs(features), self.purchase_only_influence(len(features)))
+        if len(features) == 0:
+            return self._clipped(np.zeros(0), np.zeros(0), np.zeros((0, len(self.spec.behaviors))))
+        return self._clipped(*influence_lib.predict_with_shares(self, features))
 
     def _clipped(self, p_buy: np.ndarray, expected_value: np.ndarray,
                  influence: np.ndarray) -> ArrayPredictions:
@@ -209,6 +240,7 @@ class ValueModel(ABC):
                     "params": self.params.model_dump(mode="json"),
                     "spec": asdict(self.spec),
                     "horizon_days": self.horizon_days,
+                    "influence": None if self.influence_tables is None else self.influence_tables.to_dict(),
                 },
                 indent=2,
             )
@@ -217,8 +249,13 @@ class ValueModel(ABC):
     @classmethod
     def restore(cls, directory: Path, header: dict[str, Any]) -> ValueModel:
         spec = FeatureSpec.from_dict(header["spec"])
-        model = cls(cls.Params.model_validate(header["params"]), spec, header["horizon_days"])
+        # A model saved by an earlier release may carry params since retired (e.g. the deep models'
+        # influence_rows): they no longer change anything, so they are dropped, not an error.
+        known = {k: v for k, v in header["params"].items() if k in cls.Params.model_fields}
+        model = cls(cls.Params.model_validate(known), spec, header["horizon_days"])
         model._load_state(directory)
+        if header.get("influence") and "effect" in header["influence"]:
+            model.set_influence(influence_lib.InfluenceTables.from_dict(header["influence"]))
         return model
 
     def _frame(self, features: pd.DataFrame, p_buy: np.ndarray, expected_value: np.ndarray) -> pd.DataFrame:
@@ -229,36 +266,3 @@ class ValueModel(ABC):
                 "expected_value": np.maximum(np.asarray(expected_value, dtype=np.float64), 0.0),
             }
         )
-
-
-def shares_by_behavior(
-    user_ids: pd.Series, contributions: np.ndarray, columns: list[str], behaviors: tuple[str, ...]
-) -> pd.DataFrame:
-    """Per user, each behaviour's share of the absolute feature contributions (rows sum to 1).
-
-    `contributions[i, j]` is how much column j moved user i's prediction (SHAP values, or
-    coefficient x standardised value); columns that describe no behaviour are left out."""
-    frame = pd.DataFrame({"user_id": user_ids.astype(str).to_numpy()})
-    shares = behavior_shares(contributions, columns, behaviors)
-    for i, b in enumerate(behaviors):
-        frame[b] = shares[:, i]
-    return frame
-
-
-def behavior_shares(contributions: np.ndarray, columns: list[str], behaviors: tuple[str, ...]) -> np.ndarray:
-    """shares_by_behavior's numbers as a [rows, len(behaviors)] array (no DataFrame)."""
-    magnitude = np.abs(np.asarray(contributions, dtype=np.float64))
-    per_behavior = np.zeros((magnitude.shape[0], len(behaviors)))
-    for j, column in enumerate(columns):
-        b = behavior_of_column(column, behaviors)
-        if b is not None:
-            per_behavior[:, behaviors.index(b)] += magnitude[:, j]
-    total = per_behavior.sum(axis=1, keepdims=True)
-    return np.where(total > 0, per_behavior / np.where(total > 0, total, 1.0), 1.0 / len(behaviors))
-
-
-def global_shares(attribution: pd.DataFrame, behaviors: tuple[str, ...]) -> dict[str, float]:
-    """Mean per-user shares: a global influence table that sums to 1."""
-    means = attribution[list(behaviors)].mean()
-    total = float(means.sum()) or 1.0
-    return {b: float(means[b] / total) for b in behaviors}

@@ -94,6 +94,7 @@ class BtydModel(ValueModel):
     expected spend per purchase; p_buy = P(at least one purchase within the horizon)."""
 
     name = "btyd"
+    behavior_aware = False  # purchases only: every prediction owed to the purchase history
     Params = BtydParams
 
     def __init__(self, params: BtydParams, spec: FeatureSpec, horizon_days: int) -> None:

@@ -1,5 +1,5 @@
 """Gradient boosting (LightGBM) on the aggregates: a cloglog booster for p_buy and a Tweedie one for
-value, label windows as offsets, TreeSHAP attribution (docs/models-baselines.md)."""
+value, label windows as offsets (docs/models-baselines.md); behaviour influence: models.influence."""
 
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ from pydantic import Field
 
 from uservalue.features.online import FeatureArrays
 from uservalue.models.base import (
-    ArrayPredictions,
     FitContext,
     ModelParams,
     ValueModel,
     aggregate_matrix,
-    behavior_shares,
     exposure_days,
-    global_shares,
-    shares_by_behavior,
     validation_mask,
 )
 from uservalue.models.hazard import cloglog_grad_hess, cloglog_nll, p_buy_from_log_hazard
@@ -105,7 +101,6 @@ class GbdtModel(ValueModel):
                                  "tweedie_variance_power": self.params.tweedie_variance_power},
                                 fit_set, num_boost_round=self.params.max_rounds, valid_sets=valid_sets,
                                 callbacks=callbacks)
-        self._store_influence(train.loc[fit_rows].head(5_000))
         return {
             "p_buy_rounds": float(self._p_buy.best_iteration or self._p_buy.current_iteration()),
             "value_rounds": float(self._value.best_iteration or self._value.current_iteration()),
@@ -121,28 +116,12 @@ class GbdtModel(ValueModel):
         p_buy = p_buy_from_log_hazard(self._raw(self._p_buy, x) + self._base_log_hazard, self.horizon_days)
         return p_buy, np.exp(np.clip(self._raw(self._value, x) + self._base_log_value, None, 30))
 
-    def _contributions(self, x: np.ndarray) -> np.ndarray:
-        contributions = self._value.predict(x, pred_contrib=True, num_iteration=self._value.best_iteration or None)
-        return contributions[:, :-1]  # the last column is the expected value (bias) term: no behaviour owns it
-
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         return self._frame(features, *self._outputs(aggregate_matrix(features, self.feature_columns)))
 
-    def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
-        x = aggregate_matrix(features, self.feature_columns)
-        return shares_by_behavior(features["user_id"], self._contributions(x), self.feature_columns,
-                                  self.spec.behaviors)
-
-    def predict_arrays(self, features: FeatureArrays) -> ArrayPredictions:
-        x = features.matrix(self.feature_columns)
-        shares = behavior_shares(self._contributions(x), self.feature_columns, self.spec.behaviors)
-        return self._clipped(*self._outputs(x), shares)
-
-    def _store_influence(self, sample: pd.DataFrame) -> None:
-        self._influence = global_shares(self.attribute(sample), self.spec.behaviors)
-
-    def influence(self) -> dict[str, float]:
-        return self._influence
+    def predict_outputs(self, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray]:
+        p_buy, value = self._outputs(features.matrix(self.feature_columns))
+        return np.clip(p_buy, 0.0, 1.0), np.maximum(value, 0.0)
 
     def _save_state(self, directory: Path) -> None:
         self._p_buy.save_model(directory / P_BUY_FILE)
@@ -150,7 +129,6 @@ class GbdtModel(ValueModel):
         (directory / STATE_FILE).write_text(json.dumps({
             "base_log_hazard": self._base_log_hazard,
             "base_log_value": self._base_log_value,
-            "influence": self._influence,
         }))
 
     def _load_state(self, directory: Path) -> None:
@@ -159,4 +137,3 @@ class GbdtModel(ValueModel):
         state = json.loads((directory / STATE_FILE).read_text())
         self._base_log_hazard = state["base_log_hazard"]
         self._base_log_value = state["base_log_value"]
-        self._influence = state["influence"]

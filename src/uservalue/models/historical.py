@@ -28,6 +28,7 @@ class HistoricalModel(ValueModel):
     p_buy = 1 - exp(-purchases per day in the window x horizon). Nothing is fitted."""
 
     name = "historical"
+    behavior_aware = False  # purchases only: every prediction owed to the purchase history
     Params = HistoricalParams
 
     def _columns(self) -> tuple[str, str]:

@@ -12,15 +12,11 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from uservalue.features.online import FeatureArrays
 from uservalue.models.base import (
-    ArrayPredictions,
     FitContext,
     ModelParams,
     ValueModel,
     aggregate_matrix,
-    behavior_shares,
     exposure_days,
-    global_shares,
-    shares_by_behavior,
 )
 
 STATE_FILE = "linear.npz"
@@ -85,24 +81,11 @@ class LinearModel(ValueModel):
         x, _log_value, _logit = self._scores(features)
         return self._frame(features, *self._outputs(x))
 
-    def predict_arrays(self, features: FeatureArrays) -> ArrayPredictions:
+    def predict_outputs(self, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray]:
         # Scoring is at the full horizon: the window column is log(1) = 0.
         x = self._design_matrix(features.matrix(self.feature_columns), np.zeros(len(features)))
         p_buy, value = self._outputs(x)
-        shares = behavior_shares(x[:, :-1] * self._ridge[:-2], self.feature_columns, self.spec.behaviors)
-        return self._clipped(p_buy, value, shares)
-
-    def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
-        x, _log_value, _logit = self._scores(features)
-        contributions = x[:, :-1] * self._ridge[:-2]
-        return shares_by_behavior(features["user_id"], contributions, self.feature_columns, self.spec.behaviors)
-
-    def influence(self) -> dict[str, float]:
-        # Coefficient magnitudes on standardised columns: the global counterpart of attribute().
-        unit = pd.DataFrame([np.ones(len(self.feature_columns))], columns=self.feature_columns)
-        shares = shares_by_behavior(pd.Series(["all"]), unit.to_numpy() * self._ridge[:-2], self.feature_columns,
-                                    self.spec.behaviors)
-        return global_shares(shares, self.spec.behaviors)
+        return np.clip(p_buy, 0.0, 1.0), np.maximum(value, 0.0)
 
     def _save_state(self, directory: Path) -> None:
         np.savez(directory / STATE_FILE, mean=self._mean, std=self._std, ridge=self._ridge,

@@ -181,11 +181,37 @@ def run_stage(project_dir: Path, stage: str, overrides: Mapping[str, Any] | None
 
 def plan(project_dir: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a retrain with these overrides would run: checked params, the models and their train stages."""
-    _, params = effective_params(project_dir.resolve(), dict(overrides or {}))
+    project_dir = project_dir.resolve()
+    _, params = effective_params(project_dir, dict(overrides or {}))
+    split = plan_split(project_dir, params, dict(overrides or {}))
     return {
         "overrides": dict(overrides or {}),
         "models": list(params.train.models),
         "train_stages": stage_targets("train", params),
         "data_source": params.data.source,
-        "eval_cutoff": str(params.split.eval_cutoff),
+        "eval_cutoff": split.get("eval_cutoff", str(params.split.eval_cutoff)),
+        "split": split,
     }
+
+
+VALIDATED_EVENTS = "data/validated.parquet"
+
+
+def plan_split(project_dir: Path, params: Params, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The cutoffs a retrain would use: explicit ones as they are; `auto` ones resolved from the validated
+    log in the project (as featurize will, into reports/split.json), unless the overrides change the data
+    (then featurize resolves them after ingest)."""
+    from uservalue.data.window import resolve_split_for, split_record
+
+    events = project_dir / VALIDATED_EVENTS
+    data_changed = sorted(k for k in overrides if k.split(".")[0] == "data" or k.startswith("validate.ts_"))
+    if params.split.is_resolved:
+        return split_record(params.split, params.split, params.data.source, None) | {"resolved_from": "params"}
+    if data_changed or not events.is_file():
+        why = f"the overrides {data_changed} change the data" if data_changed else f"no {VALIDATED_EVENTS} yet"
+        return {"eval_cutoff": str(params.split.eval_cutoff), "horizon_days": params.split.horizon_days,
+                "train_cutoffs": params.split.train_cutoffs if params.split.train_cutoffs == "auto"
+                else [str(c) for c in params.split.train_cutoffs],
+                "resolved_from": None, "note": f"auto: resolved by featurize from the validated log ({why})"}
+    resolved, observed = resolve_split_for(params.split, params.data, params.validate_, events)
+    return split_record(params.split, resolved, params.data.source, observed) | {"resolved_from": VALIDATED_EVENTS}

@@ -57,11 +57,7 @@ def _number(value: float, metric: str) -> str:
 
 
 def meets(target: MetricTarget, value: float) -> bool:
-    if target.direction == "min":
-        return value >= target.target
-    if target.direction == "max":
-        return value <= target.target
-    return abs(value) <= target.target
+    return target.holds(value)
 
 
 def _target_text(metric: str, target: MetricTarget) -> str:

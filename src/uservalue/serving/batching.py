@@ -49,13 +49,13 @@ class BatchingPredictor:
         self.largest_batch = 0
 
     async def predict(self, events: Sequence[Event], as_of: dt.datetime | None,
-                      user_ids: Sequence[str] = ()) -> dict[str, Any]:
+                      user_ids: Sequence[str] = (), explain: str | None = None) -> dict[str, Any]:
         """The response body for one /predict call; raises RequestError for a client mistake."""
         try:
             as_of = as_of_time(as_of)  # the HTTP model checks it too; a library caller may not have
         except ValueError as error:
             raise RequestError(["as_of"], str(error)) from None
-        request = self.scorer.prepare(events, as_of, user_ids)
+        request = self.scorer.prepare(events, as_of, user_ids, explain=explain)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
         self._queue.append((request, answer))

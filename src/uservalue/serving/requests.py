@@ -133,6 +133,9 @@ class PredictRequest(BaseModel):
                                                                   "added for this request only)")
     as_of: Time | None = Field(None, description=f"scoring time (default: now), from "
                                                         f"{limits.TS_MIN.date()} to {limits.AS_OF_MAX.date()}")
+    explain: Literal["effect"] | None = Field(
+        None, description="'effect': per user, the change in expected_value and p_buy one more event of each "
+                          "behaviour at as_of would make, besides the shares in `influence`")
 
     @field_validator("as_of")
     @classmethod
@@ -252,6 +255,13 @@ ERROR_RESPONSES: dict[str, dict[int, str]] = {
                  415: "the Content-Type is not application/json",
                  422: "a user has no event before as_of, or the model's prediction is not finite",
                  500: "an unexpected server error (the request alone; never caused by another request)"},
+    "/recommend": {400: "a field or the JSON body is invalid, or the events are of more than one user (detail names each field)",
+                   401: "missing or wrong API key (when USERVALUE_API_KEY is set)",
+                   404: "user_id is not in the online store and no events were sent",
+                   413: "the body or the events are over the limits (uservalue.limits, serve.max_events)",
+                   415: "the Content-Type is not application/json",
+                   503: "no recommender is packaged in this service",
+                   500: "an unexpected server error"},
     "/events": {400: "a field or the JSON body is invalid (detail names each field)",
                 401: "missing or wrong API key (when USERVALUE_API_KEY is set)",
                 413: "the body or the events are over the limits (uservalue.limits, serve.max_events)",

@@ -57,6 +57,7 @@ class ScoreRequest:
     received: dt.datetime
     user_ids: tuple[str, ...] = ()  # asked by id: their stored events, plus any sent with the request
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    explain: str | None = None  # "effect": each user's per-event effects too (models.influence)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class ScoredBatch:
     request: np.ndarray  # per row of `rows`: the position of its request in `requests`
     errors: dict[int, RequestError]  # per failed request position: its client error (no rows in `rows`)
     user_errors: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # per request: users not scored
+    effects: dict[int, dict[str, Any]] = field(default_factory=dict)  # per row asked to explain: its effects
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -125,13 +127,16 @@ class Scorer:
         self.score(events, now)
 
     def prepare(self, events: Sequence[Event], as_of: dt.datetime | None, user_ids: Sequence[str] = (),
-                received: dt.datetime | None = None) -> ScoreRequest:
+                received: dt.datetime | None = None, explain: str | None = None) -> ScoreRequest:
         """Validate one request (a RequestError names what is wrong) before it joins a batch."""
         if user_ids and self.store is None:
             raise RequestError(["user_ids"], "this service has no online store: send the users' events", status=400)
+        if explain not in EXPLAIN:
+            raise RequestError(["explain"], f"expected one of {[e for e in EXPLAIN if e]} or null, got {explain!r}")
         users = validate_events(events, self.model.spec.behaviors, self.max_events, self.max_users, user_ids)
         return ScoreRequest(events=events, users=frozenset(users), as_of=None if as_of is None else as_utc(as_of),
-                            received=received or dt.datetime.now(dt.UTC), user_ids=tuple(dict.fromkeys(user_ids)))
+                            received=received or dt.datetime.now(dt.UTC), user_ids=tuple(dict.fromkeys(user_ids)),
+                            explain=explain)
 
     def _request_events(self, requests: Sequence[ScoreRequest]) -> list[EventColumns]:
         """Per request, the events its users are scored from, user ids keyed by request position:
@@ -184,7 +189,25 @@ class Scorer:
             features, position = features.take(keep), position[keep]
         predictions = self.model.predict_arrays(features) if len(features) else _no_predictions(self.model.spec)
         rows = ScoredRows(features.user_id, predictions, features.aggregates, tuple(self.model.spec.behaviors))
-        return ScoredBatch(requests, as_of, rows, position, errors, user_errors)
+        explaining = [i for i, r in enumerate(requests) if r.explain == "effect"]
+        effects = self._effects(features, np.flatnonzero(np.isin(position, explaining))) if explaining else {}
+        return ScoredBatch(requests, as_of, rows, position, errors, user_errors, effects)
+
+    def _effects(self, features: FeatureArrays, rows: np.ndarray) -> dict[int, dict[str, Any]]:
+        """Per row in `rows`: the change in expected_value and p_buy one more event of each behaviour
+        at as_of would make (models.influence.per_user_effects; one model call for all of them).
+        A model that looks only at purchases has none."""
+        from uservalue.models import influence
+
+        if not len(rows):
+            return {}
+        if not getattr(self.model, "behavior_aware", True):
+            return {int(r): {} for r in rows}
+        behaviors = influence.effect_behaviors(self.model.spec)
+        d_value, d_p = influence.per_user_effects(self.model, features.take(rows))
+        return {int(r): {b: {"expected_value": float(d_value[k, j]), "p_buy": float(d_p[k, j])}
+                         for j, b in enumerate(behaviors)}
+                for k, r in enumerate(rows.tolist())}
 
     def _unscored(self, requests: Sequence[ScoreRequest], as_of: list[dt.datetime], events: list[EventColumns],
                   position: np.ndarray, user_id: np.ndarray,
@@ -245,6 +268,8 @@ class Scorer:
     def answers(self, batch: ScoredBatch) -> list[dict[str, Any] | RequestError]:
         """Each request's response body, or its client error."""
         rows = self.response_rows(batch.rows, [batch.as_of[i] for i in batch.request.tolist()])
+        for index, effect in batch.effects.items():
+            rows[index]["effect"] = effect
         per_request: dict[int, list[dict[str, Any]]] = {}
         for position, row in zip(batch.request.tolist(), rows, strict=True):
             per_request.setdefault(position, []).append(row)
@@ -277,6 +302,7 @@ class Scorer:
         return pd.DataFrame(columns, copy=False)
 
 
+EXPLAIN = (None, "effect")  # what a /predict request may ask explained beyond the shares
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND = dt.timedelta(microseconds=1)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from uservalue.errors import InputError
 from uservalue.data.sources.tabular import RawBatch, TabularSpec, check_readable
+from uservalue.errors import InputError
 
 DISTRIBUTION = "lifetimes"
 RELATIVE_PATH = "lifetimes/datasets/CDNOW_master.txt"

@@ -1,12 +1,12 @@
 """A Taobao-like behaviour log with planted ground truth (influence per behaviour, seasonality, a
-drift knob), streamed to Parquet in bounded memory (the generative story: docs/data.md)."""
+drift knob, user-item affinities), streamed to Parquet in bounded memory (the generative story: docs/data.md)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +17,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from uservalue.config import SyntheticSource
+from uservalue.data.sources.writer import write_events_in_order
 from uservalue.io import atomic_dir, write_json
 from uservalue.schema import EVENTS_SCHEMA, PURCHASE
-from uservalue.data.sources.writer import write_events_in_order
 
 USERS_PER_BLOCK = 1000
+AFFINITY_STREAM = 0xAFF
 MIX_CONCENTRATION = 8.0  # how far a user's behaviour mix strays from the global one
 PREFERRED_CATEGORY_SHARES = np.array([0.6, 0.3, 0.1])
 PRICE_NOISE_SIGMA = 0.2
@@ -84,6 +85,8 @@ class _Plan:
         )
         self.id_width = len(str(max(cfg.users - 1, 1)))
         self.category_names = pc.cast(pa.array(np.arange(cfg.categories)), pa.string())
+        # Favourite item ranks of each taste in each category (its own stream: affinity 0 changes nothing).
+        self.favorites = _favorites(cfg)
 
     def cumulative(self, day: np.ndarray) -> np.ndarray:
         return np.interp(day, self.day_grid, self.season_cum)
@@ -119,6 +122,13 @@ def _block(plan: _Plan, block: int) -> tuple[pa.Table, pd.DataFrame]:
     slot = rng.choice(3, size=owner.size, p=PREFERRED_CATEGORY_SHARES)
     category = preferred[owner, slot]
     item_rank = (cfg.items_per_category * rng.random(owner.size) ** 2).astype(np.int64)
+    taste = np.zeros(n_users, dtype=np.int64)
+    if cfg.affinity > 0:  # drawn from a stream of its own, so the rest of the log is the same at any affinity
+        own = np.random.default_rng(np.random.SeedSequence([cfg.seed, block, AFFINITY_STREAM]))
+        taste = own.integers(0, cfg.tastes, n_users)
+        liked = own.random(owner.size) < cfg.affinity
+        pick = own.integers(0, plan.favorites.shape[2], owner.size)
+        item_rank = np.where(liked, plan.favorites[taste[owner], category, pick], item_rank)
     item = category.astype(np.int64) * cfg.items_per_category + item_rank
 
     # --- purchases caused by them (the planted influence) ----------------------------
@@ -170,9 +180,22 @@ def _block(plan: _Plan, block: int) -> tuple[pa.Table, pd.DataFrame]:
             "buys_per_day": rate * (mix * plan.influence).sum(axis=1),
             "mean_order_value": mean_order_value,
             **{f"mix_{k}": mix[:, i] for i, k in enumerate(plan.kinds)},
+            **({"taste": taste, **{f"category_{slot}": preferred[:, slot] for slot in range(3)}}
+               if cfg.affinity > 0 else {}),
         }
     )
     return table, truth
+
+
+def _favorites(cfg: SyntheticSource) -> np.ndarray:
+    """[taste, category, j] -> the rank (within the category) of the taste's j-th favourite item; chosen
+    uniformly, not by popularity, so that they are something to learn beyond it."""
+    n = min(cfg.favorites_per_category, cfg.items_per_category)
+    if cfg.affinity <= 0:
+        return np.zeros((cfg.tastes, cfg.categories, n), dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, AFFINITY_STREAM]))
+    keys = rng.random((cfg.tastes, cfg.categories, cfg.items_per_category))
+    return np.argpartition(keys, n - 1, axis=2)[:, :, :n].astype(np.int64)
 
 
 def _blocks(plan: _Plan, truth_frames: list[pd.DataFrame]) -> Iterator[pa.Table]:
@@ -209,6 +232,10 @@ def generate(
             pa.Table.from_pandas(pd.concat(truth_frames, ignore_index=True), preserve_index=False),
             tmp / "users.parquet",
         )
+        if cfg.affinity > 0:
+            t, c, j = np.indices(plan.favorites.shape).reshape(3, -1)
+            pq.write_table(pa.table({"taste": t, "category_id": c,
+                                     "item_rank": plan.favorites[t, c, j]}), tmp / "favorites.parquet")
         write_json(
             tmp / "truth.json",
             {
@@ -218,6 +245,12 @@ def generate(
                 "behavior_mix": plan.mix,
                 # Expected purchases caused by one event of each behaviour.
                 "influence": dict(cfg.influence),
+                # P(item | event) = share(category) * (affinity * [favourite]/favourites + (1 - affinity) * pop(rank)),
+                # pop(rank) = sqrt((rank+1)/n) - sqrt(rank/n); see affinity_scores.
+                "affinity": {"strength": cfg.affinity, "tastes": cfg.tastes,
+                             "favorites_per_category": int(plan.favorites.shape[2]),
+                             "items_per_category": cfg.items_per_category,
+                             "category_shares": PREFERRED_CATEGORY_SHARES.tolist()},
                 "seasonality": plan.season.round(6).tolist(),
                 "start": cfg.start.isoformat(),
                 "events": events,
@@ -250,3 +283,41 @@ def expected_value(truth_dir: str | Path, cutoff: dt.datetime, horizon_days: flo
             "expected_value": users["buys_per_day"] * exposure * users["mean_order_value"],
         }
     )
+
+
+def affinity_scores(truth_dir: str | Path, user_ids: Sequence[str], k: int,
+                    exclude: dict[str, set[str]] | None = None) -> dict[str, list[tuple[str, float]]]:
+    """The planted truth's own top-k items of each user: (item id, P(item | one event of the user)), highest
+    first, without the user's `exclude` items; a user the truth does not know gets no list."""
+    truth_dir = Path(truth_dir)
+    meta = json.loads((truth_dir / "truth.json").read_text())
+    planted = meta.get("affinity") or {}
+    if not planted.get("strength"):
+        raise ValueError(f"{truth_dir}: the log was generated without affinity (data.synthetic.affinity: 0)")
+    users = pd.read_parquet(truth_dir / "users.parquet").set_index("user_id")
+    favorites = pd.read_parquet(truth_dir / "favorites.parquet")
+    n_items, n_fav, strength = planted["items_per_category"], planted["favorites_per_category"], planted["strength"]
+    shares = np.asarray(planted["category_shares"])
+    fav = np.zeros((int(favorites["taste"].max()) + 1, int(favorites["category_id"].max()) + 1, n_fav), np.int64)
+    order = favorites.groupby(["taste", "category_id"]).cumcount().to_numpy()
+    fav[favorites["taste"], favorites["category_id"], order] = favorites["item_rank"]
+    ranks = np.arange(n_items)
+    popularity = (1 - strength) * (np.sqrt((ranks + 1) / n_items) - np.sqrt(ranks / n_items))
+    exclude = exclude or {}
+    out: dict[str, list[tuple[str, float]]] = {}
+    for user in user_ids:
+        if user not in users.index:
+            continue
+        row = users.loc[user]
+        scores: dict[str, float] = {}
+        for slot, share in enumerate(shares):
+            category = int(row[f"category_{slot}"])
+            p = popularity.copy()
+            np.add.at(p, fav[int(row["taste"]), category], strength / n_fav)
+            for rank, value in zip(ranks, share * p, strict=True):
+                item = str(category * n_items + rank)
+                scores[item] = scores.get(item, 0.0) + float(value)
+        banned = exclude.get(user, set())
+        ranked = sorted(((i, v) for i, v in scores.items() if i not in banned), key=lambda iv: (-iv[1], iv[0]))
+        out[user] = ranked[:k]
+    return out

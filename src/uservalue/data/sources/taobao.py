@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from uservalue.config import DataParams
+from uservalue.data.sources.tabular import TabularSpec, read_amount_table
 from uservalue.duck import connect, sql_string
 from uservalue.io import atomic_path
-from uservalue.data.sources.tabular import TabularSpec, read_amount_table
 
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "unix_ts")
 TAOBAO_BEHAVIORS = {"pv": "view", "fav": "fav", "cart": "cart", "buy": "buy"}

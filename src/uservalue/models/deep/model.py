@@ -4,7 +4,6 @@ and `TorchParams`, the knobs every deep model's training shares."""
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable
@@ -20,14 +19,13 @@ from torch import nn
 from uservalue.features.online import FeatureArrays
 from uservalue.features.sql import FeatureSpec
 from uservalue.models.base import (
-    ArrayPredictions,
     FitContext,
     ModelParams,
     ValueModel,
     exposure_days,
     validation_mask,
 )
-from uservalue.models.deep import occlusion, ziln
+from uservalue.models.deep import ziln
 from uservalue.models.deep.checkpoints import cpu_state, data_fingerprint, fingerprint
 from uservalue.models.deep.data import (
     AggregateStats,
@@ -43,7 +41,7 @@ from uservalue.models.deep.loop import train_network
 from uservalue.models.deep.runtime import resolve_device, seed_everything
 
 WEIGHTS_FILE = "weights.pt"
-INFLUENCE_FILE = "influence.json"
+FIT_SUMMARY_FILE = "fit_summary.json"
 
 
 class TorchParams(ModelParams):
@@ -59,7 +57,6 @@ class TorchParams(ModelParams):
     patience: int = Field(3, ge=1, description="epochs without a better validation loss before stopping")
     grad_clip: float = Field(5.0, gt=0)
     predict_batch_size: int = Field(8192, ge=1)
-    influence_rows: int = Field(4096, ge=0, description="rows the global behaviour influence is computed on")
     min_id_rows: int = Field(20, ge=1, description="category/item ids held by fewer training rows are unknown (0)")
     bucket_by_length: bool = Field(
         False, description="training batches of similar sequence length: faster on skewed lengths, "
@@ -67,7 +64,8 @@ class TorchParams(ModelParams):
 
 
 class TorchValueModel(ValueModel):
-    """fit / predict / save / load / influence / attribute for a network built by the subclass."""
+    """fit / predict / save / load for a network built by the subclass; behaviour influence is the
+    models.influence definition every model shares, read through predict_outputs."""
 
     Params = TorchParams
     # predict_arrays on the CPU runs the network traced by TorchScript: on a request's few rows the
@@ -80,7 +78,6 @@ class TorchValueModel(ValueModel):
         super().__init__(params, spec, horizon_days)
         self.network: nn.Module | None = None
         self.device = torch.device("cpu")
-        self._influence: dict[str, float] | None = None
         self.fit_summary: dict[str, Any] = {}
         # (the network traced, its serving forward, whether that is the trace): see _serving_forward.
         self._traced: tuple[nn.Module, Callable[[dict[str, torch.Tensor]], torch.Tensor], bool] | None = None
@@ -124,14 +121,6 @@ class TorchValueModel(ValueModel):
         summary = train_network(net, data, valid, params=params, ctx=ctx, horizon_days=self.horizon_days,
                                 device=device, run_fingerprint=run_fingerprint)
         self.network, self.device = net, device
-        rows = np.flatnonzero(valid) if valid.any() else np.arange(len(data))
-        if params.influence_rows > 0:
-            if rows.size > params.influence_rows:
-                rows = np.sort(np.random.default_rng(ctx.seed).choice(rows, params.influence_rows, replace=False))
-            influence_start = time.perf_counter()
-            phi, counts = self._occlusion(data.subset(rows))
-            self._influence, self.per_event_effect = occlusion.global_influence(phi, counts, self.spec.behaviors)
-            summary["influence_seconds"] = time.perf_counter() - influence_start
         self.fit_summary = summary
         return summary
 
@@ -164,12 +153,6 @@ class TorchValueModel(ValueModel):
         """Whether predict_arrays runs the TorchScript trace (False before its first call)."""
         return self._traced is not None and self._traced[2]
 
-    def _occlusion(self, data: FeatureTensors, outputs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return occlusion.occlusion(
-            data, self._forward(), self.feature_columns, self.spec.behaviors, horizon_days=self.horizon_days,
-            batch_size=self.params.predict_batch_size, device=self.device, outputs=outputs,  # type: ignore[attr-defined]
-        )
-
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         data = self.tensors(features, labels=False)
         p_buy = np.empty(len(data))
@@ -181,53 +164,28 @@ class TorchValueModel(ValueModel):
             value[index.numpy()] = ev.double().cpu().numpy()
         return self._frame(features, p_buy, value)
 
-    def predict_with_influence(self, features: pd.DataFrame) -> pd.DataFrame:
-        # One tensor conversion and one forward pass of the full input serve both the prediction
-        # and the occlusion baseline (the service pays both on every request).
-        data = self.tensors(features, labels=False)
-        raw = np.empty((len(data), 3))
-        phi, counts = self._occlusion(data, outputs=raw)
-        # float32 outputs (exact through the float64 buffer): the same numbers as predict().
-        p_buy, value = ziln.predict(torch.from_numpy(raw.astype(np.float32)), self.horizon_days)
-        predictions = self._frame(features, p_buy.double().numpy(), value.double().numpy())
-        shares = occlusion.shares(phi, counts)
-        for i, behavior in enumerate(self.spec.behaviors):
-            predictions[f"influence_{behavior}"] = shares[:, i]
-        return predictions
-
-    def predict_arrays(self, features: FeatureArrays) -> ArrayPredictions:
-        """predict_with_influence's numbers for the online engine's arrays: no DataFrame, one tensor
-        conversion, and the prediction and every behaviour's occlusion in one forward pass per
-        chunk of rows (occlusion.occlusion_one_pass)."""
-        batch = batch_arrays(features, self.feature_columns, self.spec.sequence_length,
-                             user_buckets=self.user_buckets)
+    def predict_outputs(self, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray]:
+        """(p_buy, expected_value) of the online engine's arrays: no DataFrame, one tensor conversion
+        per chunk of rows, the TorchScript trace on the CPU (_serving_forward); the numbers of
+        predict() (exp of the float32 ZILN logs)."""
         n = len(features)
         if n == 0:
-            return self._clipped(np.zeros(0), np.zeros(0), np.zeros((0, len(self.spec.behaviors))))
-        # A chunk is stacked up to (1 + behaviours) times: keep that within the scoring batch size.
-        chunk = max(self.params.predict_batch_size // (1 + len(self.spec.behaviors)), 1)  # type: ignore[attr-defined]
+            return np.zeros(0), np.zeros(0)
+        batch = batch_arrays(features, self.feature_columns, self.spec.sequence_length,
+                             user_buckets=self.user_buckets)
+        chunk = self.params.predict_batch_size  # type: ignore[attr-defined]
         forward = self._serving_forward(batch)
-        log_p, log_ev, phi, counts = [], [], [], []
-        for start in range(0, n, chunk):
-            part = batch if chunk >= n else {k: v[start:start + chunk] for k, v in batch.items()}
-            outputs = occlusion.occlusion_one_pass(part, forward, self.feature_columns, self.spec.behaviors,
-                                                   horizon_days=self.horizon_days, device=self.device)
-            for collected, value in zip((log_p, log_ev, phi, counts), outputs, strict=True):
-                collected.append(value)
-        # exp of the float32 logs, as ziln.predict: the same numbers as predict().
+        log_p, log_ev = [], []
+        with torch.inference_mode():
+            for start in range(0, n, chunk):
+                part = batch if chunk >= n else {k: v[start:start + chunk] for k, v in batch.items()}
+                raw = forward(as_batch(part, self.device))
+                lp = ziln.log_p_buy(raw, self.horizon_days)
+                log_p.append(lp.cpu())
+                log_ev.append(ziln.log_expected_value(raw, self.horizon_days, log_p=lp).cpu())
         p_buy = torch.exp(torch.cat(log_p)).double().numpy()
         value = torch.exp(torch.cat(log_ev)).double().numpy()
-        return self._clipped(p_buy, value, occlusion.shares(np.concatenate(phi), np.concatenate(counts)))
-
-    # -- behaviour attribution ------------------------------------------------------------------
-    def attribute(self, features: pd.DataFrame) -> pd.DataFrame:
-        data = self.tensors(features, labels=False)
-        frame = pd.DataFrame(occlusion.shares(*self._occlusion(data)), columns=list(self.spec.behaviors))
-        frame.insert(0, "user_id", features["user_id"].astype(str).to_numpy())
-        return frame
-
-    def influence(self) -> dict[str, float] | None:
-        return None if self._influence is None else dict(self._influence)
+        return np.clip(p_buy, 0.0, 1.0), np.maximum(value, 0.0)
 
     # -- persistence ----------------------------------------------------------------------------
     def _save_state(self, directory: Path) -> None:
@@ -240,9 +198,7 @@ class TorchValueModel(ValueModel):
             "token_stats": net.token_stats.to_dict(),
             "bias": list(net.initial_bias),
         }, directory / WEIGHTS_FILE)
-        (directory / INFLUENCE_FILE).write_text(json.dumps({
-            "influence": self._influence,
-            "per_event_effect": getattr(self, "per_event_effect", None),
+        (directory / FIT_SUMMARY_FILE).write_text(json.dumps({
             "fit_summary": {k: v for k, v in self.fit_summary.items()},
         }, indent=2, default=str))
 
@@ -253,13 +209,9 @@ class TorchValueModel(ValueModel):
         net.load_state_dict(state["state_dict"])
         self.device = resolve_device("auto")
         self.network = net.to(self.device).eval()
-        influence_path = directory / INFLUENCE_FILE
-        if influence_path.is_file():
-            saved = json.loads(influence_path.read_text())
-            self._influence = saved.get("influence")
-            if saved.get("per_event_effect") is not None:
-                self.per_event_effect = saved["per_event_effect"]
-            self.fit_summary = saved.get("fit_summary") or {}
+        summary_path = directory / FIT_SUMMARY_FILE
+        if summary_path.is_file():
+            self.fit_summary = json.loads(summary_path.read_text()).get("fit_summary") or {}
 
 
 def _traced_or_eager(network: nn.Module, eager: Callable[[dict[str, torch.Tensor]], torch.Tensor],

@@ -1,0 +1,439 @@
+"""Behaviour influence, defined once for every model that sees behaviours (docs/models.md, "Behaviour
+influence"): two quantities computed from the model's predictions alone, so a new model gets them
+for free.
+
+- `effect[b]`: the expected change in expected_value (and p_buy) when one more event of behaviour
+  `b` is added to a user's history at the cutoff: counterfactual insertion of that event into the
+  feature row (`insert_event`, held equal to the feature engine run on the events plus the inserted
+  one by tests/model/test_influence.py), averaged over a sample of users, with a 95% confidence
+  interval from the users' spread.
+- `share[b]`: each behaviour's share of a user's prediction above the no-behaviour baseline: exact
+  Shapley values over behaviour groups (every behaviour of the spec, the purchase history
+  included, is one player), the value of a coalition being the model's expected_value with the
+  other behaviours' events occluded from the feature row (`remove_behaviors`). Shares are the
+  positive Shapley values normalised to sum to 1 (a behaviour that lowers the prediction gets 0);
+  see shares_from_phi for a user whom nothing lifts above the baseline.
+
+Everything here reads the model through `predict_outputs(FeatureArrays) -> (p_buy, expected_value)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from uservalue.errors import InputError
+from uservalue.features.online import FeatureArrays, _log_f32, output_schema
+from uservalue.features.sql import SECONDS_PER_DAY, SEQUENCE_COLUMNS, FeatureSpec
+from uservalue.schema import PURCHASE
+
+METHOD = "shapley-behaviour-groups"
+EFFECT_METHOD = "insertion-one-event-at-cutoff"
+INSERT_BEFORE_SECONDS = 1.0  # the inserted event's time: this long before the cutoff
+Z_95 = 1.959963984540054
+
+
+class Predictor(Protocol):
+    spec: FeatureSpec
+
+    def predict_outputs(self, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+# -- feature rows ------------------------------------------------------------------------------
+def arrays_from_frame(frame: pd.DataFrame, spec: FeatureSpec) -> FeatureArrays:
+    """A feature DataFrame (build_features' rows, or an MLflow model input with sequences as lists)
+    as FeatureArrays: the aggregates in the feature engine's types, the sequences flattened. A
+    frame without sequence columns gets empty sequences; without `cutoff`, cutoff 0."""
+    schema = output_schema(spec)
+    n = len(frame)
+    missing = [c for c in spec.aggregate_columns() if c not in frame.columns]
+    if missing:
+        raise InputError("features", f"missing feature columns {missing}", expected="the featurize stage's columns")
+    aggregates: dict[str, np.ndarray] = {}
+    for column in spec.aggregate_columns():
+        dtype = schema.field(column).type.to_pandas_dtype()
+        values = frame[column].to_numpy(dtype=np.float64, na_value=np.nan)
+        # Integer columns cannot hold a missing value (the engine writes none); floats keep theirs.
+        aggregates[column] = (np.nan_to_num(values) if np.issubdtype(dtype, np.integer) else values).astype(dtype)
+    if "cutoff" in frame.columns:
+        cutoff = pd.to_datetime(frame["cutoff"], utc=True)
+        cutoff_us = ((cutoff - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)).to_numpy(dtype=np.int64)
+    else:
+        cutoff_us = np.zeros(n, dtype=np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    sequences: dict[str, np.ndarray] = {}
+    if all(c in frame.columns for c in SEQUENCE_COLUMNS) and n:
+        lengths = np.fromiter((0 if v is None else len(v) for v in frame[SEQUENCE_COLUMNS[0]]), np.int64, n)
+        np.cumsum(lengths, out=offsets[1:])
+        for c in SEQUENCE_COLUMNS:
+            dtype = schema.field(c).type.value_type.to_pandas_dtype()
+            parts = [np.asarray(v, dtype=np.float64) for v in frame[c] if v is not None and len(v)]
+            sequences[c] = np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype=dtype)
+    else:
+        for c in SEQUENCE_COLUMNS:
+            sequences[c] = np.empty(0, dtype=schema.field(c).type.value_type.to_pandas_dtype())
+    user_id = frame["user_id"].astype(str).to_numpy(dtype=object)
+    return FeatureArrays(spec, user_id, cutoff_us, aggregates, offsets, sequences)
+
+
+def _with(features: FeatureArrays, aggregates: dict[str, np.ndarray], offsets: np.ndarray,
+          sequences: dict[str, np.ndarray]) -> FeatureArrays:
+    return FeatureArrays(features.spec, features.user_id, features.cutoff_us, aggregates, offsets, sequences)
+
+
+def insert_event(features: FeatureArrays, behavior: str) -> FeatureArrays:
+    """Every row as if its user had one more event of `behavior` (not the purchase: it would need
+    an amount) INSERT_BEFORE_SECONDS before the cutoff, on the item and category of the user's last
+    event, amount 0: the feature engine's row for the events plus that one (online_arrays),
+    computed from the row alone."""
+    spec = features.spec
+    if behavior == PURCHASE or behavior not in spec.behaviors:
+        raise ValueError(f"insert_event: {behavior!r} is not a non-purchase behaviour of {spec.behaviors}")
+    agg = {c: v.copy() for c, v in features.aggregates.items()}
+    T = features.cutoff_us.astype(np.float64) / 1e6
+    t_new = T - INSERT_BEFORE_SECONDS
+    n = features.aggregates["n_events"].astype(np.int64)
+    t_max = T - features.aggregates["recency_days"] * SECONDS_PER_DAY
+    t_min = T - features.aggregates["tenure_days"] * SECONDS_PER_DAY
+    age = (T - t_new) / SECONDS_PER_DAY
+    new_day = np.floor(t_new / SECONDS_PER_DAY) != np.floor(np.round(t_max, 6) / SECONDS_PER_DAY)
+    agg["n_events"] = (n + 1).astype(agg["n_events"].dtype)
+    agg["recency_days"] = age
+    agg["active_days"] = (agg["active_days"] + new_day).astype(agg["active_days"].dtype)
+    agg["mean_gap_days"] = (t_new - t_min) / SECONDS_PER_DAY / np.maximum(n, 1)
+    agg[f"{behavior}_count"] = agg[f"{behavior}_count"] + 1
+    for w in spec.windows_days:
+        agg[f"{behavior}_count_{w}d"] = agg[f"{behavior}_count_{w}d"] + 1
+    agg[f"{behavior}_recency_days"] = age
+    # The sequence: the new token appended, the oldest dropped when the row is full.
+    lengths = features.lengths
+    last = features.offsets[1:] - 1
+    has = lengths > 0
+    L = spec.sequence_length
+    new_lengths = np.minimum(lengths + 1, L)
+    offsets = np.zeros(len(features) + 1, dtype=np.int64)
+    np.cumsum(new_lengths, out=offsets[1:])
+    drop = np.zeros(int(features.offsets[-1]), dtype=bool)
+    full = np.flatnonzero(lengths >= L)
+    drop[features.offsets[:-1][full]] = True
+    keep_old = ~drop
+    new_position = offsets[1:] - 1  # the new token closes each row
+    def last_of(c: str) -> np.ndarray:
+        values = features.sequences[c]
+        return np.where(has, values[np.maximum(last, 0)], 0) if len(values) else np.zeros(len(features))
+
+    token = {
+        "seq_behavior": np.full(len(features), spec.behaviors.index(behavior) + 1),
+        "seq_category": last_of("seq_category"),
+        "seq_item": last_of("seq_item"),
+        "seq_log_age_days": _log_f32(1 + age),
+        "seq_log_gap_days": np.where(has, _log_f32(1 + np.maximum(t_new - t_max, 0) / SECONDS_PER_DAY), 0),
+        "seq_log_amount": _log_f32(np.ones(len(features))),
+    }
+    slot = np.ones(int(offsets[-1]), dtype=bool)
+    slot[new_position] = False
+    sequences = {}
+    for c in SEQUENCE_COLUMNS:
+        old = features.sequences[c]
+        out = np.empty(int(offsets[-1]), dtype=old.dtype)
+        out[slot] = old[keep_old]
+        out[new_position] = np.asarray(token[c]).astype(old.dtype)
+        sequences[c] = out
+    return _with(features, agg, offsets, sequences)
+
+
+def remove_behaviors(features: FeatureArrays, removed: Sequence[str]) -> FeatureArrays:
+    """Every row with the events of the `removed` behaviours occluded: the columns each owns set to
+    what the feature SQL writes for a user who never did it (counts and sums 0, its recency the
+    tenure), n_events reduced by its count and its tokens dropped from the sequence. Columns no
+    behaviour owns (recency, tenure, active days, distinct items) are kept: the row cannot tell
+    which events they came from."""
+    if not removed:
+        return features
+    spec = features.spec
+    agg = {c: v.copy() for c, v in features.aggregates.items()}
+    ids = []
+    tenure = features.aggregates["tenure_days"]
+    for b in removed:
+        ids.append(spec.behaviors.index(b) + 1)
+        count = features.aggregates.get(f"{b}_count")
+        if count is not None:
+            agg["n_events"] = np.maximum(agg["n_events"] - count, 0).astype(agg["n_events"].dtype)
+        for column, values in list(agg.items()):
+            if behavior_of_column(column, spec.behaviors) != b:
+                continue
+            agg[column] = (tenure if column == f"{b}_recency_days" else np.zeros_like(values)).astype(values.dtype)
+    keep = ~np.isin(features.sequences["seq_behavior"], ids)
+    rows = np.repeat(np.arange(len(features)), features.lengths)
+    offsets = np.zeros(len(features) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows[keep], minlength=len(features)), out=offsets[1:])
+    return _with(features, agg, offsets, {c: v[keep] for c, v in features.sequences.items()})
+
+
+@functools.lru_cache(maxsize=16)
+def _owners(columns: tuple[str, ...], behaviors: tuple[str, ...]) -> dict[str, tuple[int | None, bool]]:
+    """Per aggregate column: (index of the behaviour that owns it or None, whether it is its recency)."""
+    out: dict[str, tuple[int | None, bool]] = {}
+    for column in columns:
+        owner = behavior_of_column(column, behaviors)
+        out[column] = (None, False) if owner is None else (behaviors.index(owner), column == f"{owner}_recency_days")
+    return out
+
+
+def behavior_of_column(column: str, behaviors: tuple[str, ...]) -> str | None:
+    """Which behaviour an aggregate column describes (`cart_count_7d` -> cart; monetary, purchase
+    days and BTYD -> the purchase behaviour; n_events, recency, tenure... -> None)."""
+    for b in behaviors:
+        if column.startswith(f"{b}_"):
+            return b
+    if column.startswith(("monetary_", "btyd_")) or column == "purchase_days":
+        return PURCHASE
+    return None
+
+
+def event_counts(features: FeatureArrays) -> np.ndarray:
+    """[rows, behaviours]: each row's events of each behaviour (its `<b>_count`)."""
+    return np.column_stack([np.asarray(features.aggregates[f"{b}_count"], dtype=np.float64)
+                            for b in features.spec.behaviors]) if len(features.spec.behaviors) else \
+        np.zeros((len(features), 0))
+
+
+# -- share: Shapley over behaviour groups -------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _coalitions(k: int) -> tuple[tuple[int, ...], ...]:
+    """Every subset of k players (the behaviours kept), smallest first: () first, all k last."""
+    return tuple(c for size in range(k + 1) for c in combinations(range(k), size))
+
+
+@functools.lru_cache(maxsize=8)
+def _shapley_weights(k: int) -> np.ndarray:
+    """[player, coalition] such that phi = weights @ v (v: each coalition's value, _coalitions order):
+    phi_i = sum over S without i of |S|! (k - |S| - 1)! / k! (v(S + i) - v(S))."""
+    coalitions = _coalitions(k)
+    index = {kept: j for j, kept in enumerate(coalitions)}
+    weights = np.zeros((k, len(coalitions)))
+    for kept in coalitions:
+        if len(kept) == k:
+            continue
+        w = math.factorial(len(kept)) * math.factorial(k - len(kept) - 1) / math.factorial(k)
+        for i in range(k):
+            if i not in kept:
+                weights[i, index[tuple(sorted((*kept, i)))]] += w
+                weights[i, index[kept]] -= w
+    return weights
+
+
+def coalition_rows(features: FeatureArrays, coalitions: Sequence[tuple[int, ...]]) -> FeatureArrays:
+    """The rows once per coalition (behaviour indices kept), stacked coalition after coalition: each
+    copy is remove_behaviors(features, <the behaviours not kept>), built in one pass per column (a
+    request's few rows pay numpy's per-call cost once, not once per coalition)."""
+    spec = features.spec
+    behaviors = spec.behaviors
+    n, c = len(features), len(coalitions)
+    removed = np.ones((c, len(behaviors)), dtype=bool)  # [coalition, behaviour]: removed in that copy
+    for j, kept in enumerate(coalitions):
+        removed[j, list(kept)] = False
+    gone = np.repeat(removed, n, axis=0)  # [c * n, behaviour]
+    copies = np.tile(np.arange(n), c)  # row of each stacked row (indexing beats np.tile per column)
+    tenure = features.aggregates["tenure_days"][copies]
+    aggregates: dict[str, np.ndarray] = {}
+    owners = _owners(tuple(features.aggregates), behaviors)
+    for column, values in features.aggregates.items():
+        out = values[copies]
+        owner, is_recency = owners[column]
+        if owner is not None:
+            mask = gone[:, owner]
+            out[mask] = tenure[mask] if is_recency else 0
+        aggregates[column] = out
+    events = aggregates["n_events"].astype(np.int64)
+    for i, b in enumerate(behaviors):
+        count = features.aggregates.get(f"{b}_count")
+        if count is not None:
+            events = events - np.where(gone[:, i], count[copies], 0)
+    aggregates["n_events"] = np.maximum(events, 0).astype(features.aggregates["n_events"].dtype)
+    # Tokens: each copy keeps those whose behaviour it keeps (ids 1..k; 0, another behaviour, stays).
+    lengths = features.lengths
+    token_behavior = features.sequences["seq_behavior"].astype(np.int64)
+    known = (token_behavior >= 1) & (token_behavior <= len(behaviors))
+    token_removed = np.zeros((c, len(token_behavior)), dtype=bool)
+    token_removed[:, known] = removed[:, token_behavior[known] - 1]
+    keep = ~token_removed.ravel()
+    rows = np.repeat(np.arange(n), lengths)
+    kept_per_row = np.stack([np.bincount(rows[~token_removed[j]], minlength=n) for j in range(c)]).ravel() \
+        if len(rows) else np.zeros(c * n, dtype=np.int64)
+    offsets = np.zeros(c * n + 1, dtype=np.int64)
+    np.cumsum(kept_per_row, out=offsets[1:])
+    tokens = np.tile(np.arange(len(token_behavior)), c)[keep]
+    sequences = {name: values[tokens] for name, values in features.sequences.items()}
+    return FeatureArrays(spec, features.user_id[copies], features.cutoff_us[copies], aggregates, offsets, sequences)
+
+
+def shapley_values(model: Predictor, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(phi [rows, behaviours], baseline [rows], p_buy [rows], expected_value [rows]): exact Shapley
+    values of expected_value over the behaviours as players (2^K coalitions, scored in one
+    predict_outputs call), the no-behaviour baseline v({}) and the full prediction v(all)."""
+    behaviors = features.spec.behaviors
+    k, n = len(behaviors), len(features)
+    coalitions = _coalitions(k)
+    p_buy, value = model.predict_outputs(coalition_rows(features, coalitions))
+    values = value.reshape(len(coalitions), n)  # [coalition, row]
+    phi = (_shapley_weights(k) @ values).T  # [row, behaviour]
+    # A behaviour the user never did is a null player (removing it leaves the row as it is): exactly
+    # 0, whatever the float noise of scoring equal rows at other places in the batch.
+    phi[event_counts(features) == 0] = 0.0
+    # The first coalition is no behaviour (the baseline), the last every one (the prediction itself).
+    return phi, values[0], p_buy[-n:], values[-1]
+
+
+def shares_from_phi(phi: np.ndarray, behaviors: tuple[str, ...], counts: np.ndarray) -> np.ndarray:
+    """Positive Shapley values normalised per row (rows sum to 1). A row that nothing lifts above the
+    baseline shares the magnitudes of what moves it below; a row that nothing moves at all shares
+    equally among the behaviours the user has (the purchase history when they have none). A
+    behaviour the user never did (counts 0) gets 0 in every case."""
+    positive = np.clip(phi, 0.0, None)
+    magnitude = np.abs(phi)
+    has = (counts > 0).astype(np.float64)
+    purchase = np.array([1.0 if b == PURCHASE else 0.0 for b in behaviors])
+    if purchase.sum() == 0 and len(behaviors):
+        purchase = np.full(len(behaviors), 1.0 / len(behaviors))
+    equal = np.where(has.sum(axis=1, keepdims=True) > 0, has, purchase[None, :])
+    chosen = np.where((positive.sum(axis=1) > 1e-12)[:, None], positive,
+                      np.where((magnitude.sum(axis=1) > 1e-12)[:, None], magnitude, equal))
+    return chosen / chosen.sum(axis=1, keepdims=True)
+
+
+def predict_with_shares(model: Predictor, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(p_buy, expected_value, shares [rows, behaviours]) in one predict_outputs call."""
+    phi, _baseline, p_buy, value = shapley_values(model, features)
+    return p_buy, value, shares_from_phi(phi, features.spec.behaviors, event_counts(features))
+
+
+# -- effect: one more event at the cutoff -------------------------------------------------------
+def effect_behaviors(spec: FeatureSpec) -> tuple[str, ...]:
+    """The behaviours an event can be inserted of: every one but the purchase."""
+    return tuple(b for b in spec.behaviors if b != PURCHASE)
+
+
+def per_user_effects(model: Predictor, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray]:
+    """(d expected_value, d p_buy), each [rows, effect_behaviors]: per row, the change when one more
+    event of each behaviour is inserted at the cutoff (one predict_outputs call)."""
+    behaviors = effect_behaviors(features.spec)
+    n = len(features)
+    parts = [features, *(insert_event(features, b) for b in behaviors)]
+    p_buy, value = model.predict_outputs(FeatureArrays.concat(parts))
+    d_value = np.column_stack([value[(j + 1) * n:(j + 2) * n] - value[:n] for j in range(len(behaviors))]) \
+        if behaviors else np.zeros((n, 0))
+    d_p = np.column_stack([p_buy[(j + 1) * n:(j + 2) * n] - p_buy[:n] for j in range(len(behaviors))]) \
+        if behaviors else np.zeros((n, 0))
+    return d_value, d_p
+
+
+def _mean_ci(x: np.ndarray) -> dict[str, float]:
+    mean = float(np.mean(x))
+    half = float(Z_95 * np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+@dataclass(frozen=True)
+class InfluenceTables:
+    """What influence.json holds: the effect and share tables and how they were computed."""
+
+    effect: dict[str, dict[str, float] | None]  # behaviour -> {mean, low, high} of d expected_value; None: unseen
+    effect_p_buy: dict[str, dict[str, float] | None]
+    share: dict[str, float]  # mean per-user share, sums to 1
+    users: int
+    seen: dict[str, bool]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "effect": self.effect,
+            "effect_p_buy": self.effect_p_buy,
+            "share": self.share,
+            "users": self.users,
+            "seen": self.seen,
+            "method": {
+                "effect": f"{EFFECT_METHOD}: mean over users of the change in expected_value (p_buy) when one "
+                          f"event is inserted {INSERT_BEFORE_SECONDS:g} s before the cutoff; 95% normal interval",
+                "share": f"{METHOD}: exact Shapley values of expected_value over behaviour groups (occlusion of "
+                         "a behaviour's columns and tokens), positive values normalised per user, averaged",
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> InfluenceTables:
+        return cls(dict(raw["effect"]), dict(raw.get("effect_p_buy") or {}), dict(raw["share"]),
+                   int(raw.get("users", 0)), dict(raw.get("seen") or {}))
+
+
+def seen_behaviors(frame: pd.DataFrame | FeatureArrays, behaviors: tuple[str, ...]) -> dict[str, bool]:
+    """Whether each behaviour occurs in the (training) rows: a model reports no effect for one it never saw."""
+    def total(b: str) -> float:
+        column = f"{b}_count"
+        if isinstance(frame, FeatureArrays):
+            return float(np.sum(frame.aggregates[column])) if column in frame.aggregates else 0.0
+        return float(frame[column].sum()) if column in frame.columns else 0.0
+    return {b: total(b) > 0 for b in behaviors}
+
+
+def influence_tables(model: Predictor, features: FeatureArrays, seen: Mapping[str, bool],
+                     chunk_rows: int = 1024) -> InfluenceTables:
+    """Both tables on a sample of users' feature rows (`features`); `seen`: the behaviours present
+    in the model's training rows (the others get effect None, not a tiny number)."""
+    behaviors = features.spec.behaviors
+    movers = effect_behaviors(features.spec)
+    if len(features) == 0:
+        raise ValueError("influence tables need at least one user")
+    d_values, d_ps, phis = [], [], []
+    for start in range(0, len(features), chunk_rows):
+        part = features.take(np.arange(start, min(start + chunk_rows, len(features))))
+        d_value, d_p = per_user_effects(model, part)
+        phi, _baseline, _p, _v = shapley_values(model, part)
+        d_values.append(d_value)
+        d_ps.append(d_p)
+        phis.append(shares_from_phi(phi, behaviors, event_counts(part)))
+    d_value, d_p = np.concatenate(d_values), np.concatenate(d_ps)
+    shares = np.concatenate(phis).mean(axis=0)
+    shares = shares / shares.sum()
+    return InfluenceTables(
+        effect={b: _mean_ci(d_value[:, j]) if seen.get(b, False) else None for j, b in enumerate(movers)},
+        effect_p_buy={b: _mean_ci(d_p[:, j]) if seen.get(b, False) else None for j, b in enumerate(movers)},
+        share={b: float(s) for b, s in zip(behaviors, shares, strict=True)},
+        users=len(features),
+        seen={b: bool(seen.get(b, False)) for b in behaviors},
+    )
+
+
+def sample_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
+    """At most `max_rows` row positions of `n`, sorted, drawn with `seed`."""
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+
+
+# -- the planted truth --------------------------------------------------------------------------
+def planted_truth(influence: Mapping[str, float], behavior_mix: Mapping[str, float],
+                  behaviors: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """The synthetic generator's truth in the tables' terms: `effect[b]` is the planted purchases
+    one event of `b` causes (P(purchase | one event)); `share[b]` the share of all purchases caused
+    by `b`'s events, mix_b * influence_b / sum (the purchase history causes none)."""
+    caused = {b: float(behavior_mix.get(b, 0.0)) * float(influence.get(b, 0.0)) for b in behaviors}
+    total = sum(caused.values()) or 1.0
+    return {
+        "effect": {b: (float(influence[b]) if b in influence else None) for b in behaviors if b != PURCHASE},
+        "share": {b: caused[b] / total for b in behaviors},
+    }
+
+
+def effect_order(effect: Mapping[str, Mapping[str, float] | float | None]) -> list[str]:
+    """Behaviours with an effect, strongest first."""
+    def value(v: Mapping[str, float] | float) -> float:
+        return float(v["mean"]) if isinstance(v, Mapping) else float(v)
+    present = {b: value(v) for b, v in effect.items() if v is not None}
+    return sorted(present, key=lambda b: -present[b])
