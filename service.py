@@ -131,7 +131,8 @@ class ContractMiddleware:
             await self.app(scope, receive, send)
             return
         if self._spec is None:
-            self._spec = json.dumps(openapi_contract(UserValueService.openapi_spec.asdict())).encode()
+            spec = openapi_contract(UserValueService.openapi_spec.asdict(), {"/recommend": RecommendRequest})
+            self._spec = json.dumps(spec).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(self._spec)).encode())]})

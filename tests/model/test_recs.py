@@ -146,7 +146,10 @@ def test_gate_of_the_recommender() -> None:
 
 
 def test_train_recs_stage_registers_the_best_through_the_gate(world: tuple[Path, Path], repo_params: dict,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI, which wins over tracking.uri: an earlier test's
+    # store must not be this test's.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     events_path, truth_dir = world
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
@@ -166,7 +169,7 @@ def test_train_recs_stage_registers_the_best_through_the_gate(world: tuple[Path,
     best = max(report["models"], key=lambda kind: report["models"][kind]["recall_at_20"])
     assert report["champion"] == best != "popularity" and set(report["models"]) == set(FAST)
     assert report["planted_truth"]["recall_at_20"] > report["models"]["popularity"]["recall_at_20"]
-    assert second["registry"]["decision"]["alias"] == CHAMPION
+    assert second["registry"]["decision"]["alias"] == CHAMPION, second["registry"]["decision"]["reasons"]
     assert second["registry"]["previous_champion"]["version"] == first["registry"]["candidate"]["version"]
     assert "| nextitem |" in (tmp_path / "recs.md").read_text()
     assert report["ratios"]["recall_at_20 champion / popularity"] > 2

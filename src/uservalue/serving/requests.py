@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
@@ -277,10 +277,14 @@ ERROR_RESPONSES: dict[str, dict[int, str]] = {
 _REF = "#/components/schemas/{model}"
 
 
-def openapi_contract(spec: dict[str, Any]) -> dict[str, Any]:
+def openapi_contract(spec: dict[str, Any], request_models: Mapping[str, type[BaseModel]] | None = None) -> dict[str, Any]:
     """BentoML's generated OpenAPI document with the error responses each route really sends
     (ERROR_RESPONSES, body ErrorBody); the request bodies (and their enum, bounds and pattern) are
-    already the request models'."""
+    already the request models', except the optional fields BentoML flattens from `X | None` to X's
+    bare type: those are put back from `request_models` (path -> the route's input model)."""
+    for path, model in (request_models or {}).items():
+        for operation in spec.get("paths", {}).get(path, {}).values():
+            _optional_fields_from_model(operation.get("requestBody", {}), model)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     error_schema = ErrorBody.model_json_schema(ref_template=_REF)
     schemas.update(error_schema.pop("$defs", {}))
@@ -301,9 +305,31 @@ def openapi_contract(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def _optional_fields_from_model(request_body: dict[str, Any], model: type[BaseModel]) -> None:
+    """Each `X | None` field's schema as the model declares it (e.g. Identifier's string-or-integer), in
+    place of BentoML's flattened one; `_nullable_defaults` then writes its null branch as OpenAPI 3.0's."""
+    declared = model.model_json_schema(ref_template=_REF).get("properties", {})
+    for media in request_body.get("content", {}).values():
+        properties = media.get("schema", {}).get("properties", {})
+        for name, schema in declared.items():
+            if name in properties and {"type": "null"} in schema.get("anyOf", []):
+                properties[name] = dict(schema)
+
+
 def _nullable_defaults(request_body: dict[str, Any]) -> None:
-    """BentoML flattens `X | None` top-level fields to X; they accept null (their default): say so."""
+    """BentoML flattens `X | None` top-level fields to X; they accept null (their default): say so. A field
+    it leaves as `anyOf [..., {"type": "null"}]` (e.g. `Identifier | None`) gets the OpenAPI 3.0 form of
+    the same thing: the other branches, `nullable: true` (3.0 has no null type)."""
     for media in request_body.get("content", {}).values():
         for prop in media.get("schema", {}).get("properties", {}).values():
-            if "default" in prop and prop["default"] is None and "anyOf" not in prop:
+            branches = prop.get("anyOf")
+            if branches is not None and {"type": "null"} in branches:
+                kept = [branch for branch in branches if branch != {"type": "null"}]
+                if len(kept) == 1:
+                    del prop["anyOf"]
+                    prop.update(kept[0])
+                else:
+                    prop["anyOf"] = kept
+                prop["nullable"] = True
+            elif "default" in prop and prop["default"] is None and "anyOf" not in prop:
                 prop["nullable"] = True
