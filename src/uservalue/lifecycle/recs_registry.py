@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.exceptions import MlflowException
 
 from uservalue.config import RecsParams
 from uservalue.lifecycle.context import StageContext
+from uservalue.lifecycle.tracking import current_alias, version_for_run
 from uservalue.recs.base import Recommender, load_recommender
 
 # The aliases of uservalue.lifecycle.registry (not imported from it: the recommender's stage does not run the
@@ -26,26 +26,6 @@ CHALLENGER = "challenger"
 class GateDecision:
     promote: bool
     reasons: list[str] = field(default_factory=list)
-
-
-def current_alias(client: mlflow.MlflowClient, name: str, alias: str) -> Any | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-
-
-def _version_for_run(client: mlflow.MlflowClient, name: str, run_id: str, model_uri: str) -> Any:
-    """Re-running the stage for the same run reuses its version (idempotent)."""
-    try:
-        existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    except MlflowException:
-        existing = []
-    if existing:
-        return max(existing, key=lambda v: int(v.version))
-    return mlflow.register_model(model_uri, name)
 
 
 def decide_recs(candidate: dict[str, float], champion: dict[str, float] | None, cfg: RecsParams) -> GateDecision:
@@ -80,7 +60,7 @@ def register_recs(ctx: StageContext, cutoff: dt.datetime, candidate_name: str, c
     name = cfg.model_name
     ctx.tracking()
     client = mlflow.MlflowClient()
-    version = _version_for_run(client, name, run_id, model_uri)
+    version = version_for_run(client, name, run_id, model_uri)
     for key, value in {"model": candidate_name, "eval_cutoff": cutoff.isoformat(),
                        **{f"eval_{k}": f"{v:.6g}" for k, v in candidate_metrics.items()}}.items():
         client.set_model_version_tag(name, version.version, key, str(value))

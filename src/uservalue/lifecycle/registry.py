@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.exceptions import MlflowException
 
 from uservalue.config import MetricBound, RegisterParams
 from uservalue.errors import InputError
@@ -20,6 +19,7 @@ from uservalue.io import write_json
 from uservalue.lifecycle import metrics
 from uservalue.lifecycle.context import StageContext
 from uservalue.lifecycle.evaluate import score_model, unmet_requirements
+from uservalue.lifecycle.tracking import current_alias, version_for_run
 from uservalue.models.base import ModelInfo
 from uservalue.models.catalog import load_model
 
@@ -60,26 +60,6 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, cfg: 
     return GateDecision(promote, reasons)
 
 
-def current_alias(client: mlflow.MlflowClient, name: str, alias: str) -> Any | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-
-
-def _version_for_run(client: mlflow.MlflowClient, name: str, run_id: str, model_uri: str) -> Any:
-    """Re-running register for the same training run reuses its version (idempotent)."""
-    try:
-        existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    except MlflowException:
-        existing = []
-    if existing:
-        return max(existing, key=lambda v: int(v.version))
-    return mlflow.register_model(model_uri, name)
-
-
 def load_version(name: str, version: str) -> Any:
     """The ValueModel of a registry version, loaded from its artifact (the model inside the pyfunc)."""
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
@@ -102,7 +82,7 @@ def run_register(ctx: StageContext, metrics_path: str | Path, models_dir: str | 
 
     ctx.tracking()
     client = mlflow.MlflowClient()
-    version = _version_for_run(client, name, run["run_id"], run["model_uri"])
+    version = version_for_run(client, name, run["run_id"], run["model_uri"])
     for key, value in {
         "model": candidate_name,
         "eval_cutoff": report.get("eval_cutoff", ""),

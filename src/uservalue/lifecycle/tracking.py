@@ -11,6 +11,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.exceptions import MlflowException
 
 from uservalue.config import TrackingParams
 from uservalue.models.model_input import predict_with_influence, to_model_input
@@ -199,3 +200,24 @@ def fail_orphan_runs(experiment_id: str) -> list[str]:
         client.set_terminated(run.info.run_id, status="FAILED")
         orphans.append(run.info.run_id)
     return orphans
+
+
+# Registry helpers shared by the value model's register stage and the recommender's train_recs.
+def current_alias(client: mlflow.MlflowClient, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def version_for_run(client: mlflow.MlflowClient, name: str, run_id: str, model_uri: str) -> Any:
+    """The registry version of this run: re-running register (or train_recs) for the same run reuses it."""
+    try:
+        existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        existing = []
+    if existing:
+        return max(existing, key=lambda v: int(v.version))
+    return mlflow.register_model(model_uri, name)
