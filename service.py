@@ -27,6 +27,7 @@ from uservalue.serving.requests import (
     openapi_contract,
 )
 from uservalue.serving.settings import exit_with_parent
+from uservalue.serving.traffic import install as install_timeout_middleware
 
 
 class BentoArguments(BaseModel):
@@ -40,6 +41,10 @@ ARGUMENTS = bentoml.use_arguments(BentoArguments)
 
 # A request BentoML's validation refuses is the client's mistake: one INFO line, not an ERROR traceback.
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLogFilter())
+# BentoML's request timeout timer outlives each answered request by traffic.timeout, keeping its tracing
+# span alive: the worker's RSS grew by req/s x 60 s of dead requests under load (issue 19, bench/load.py).
+# Before the app is built: the same timeout, its timer cancelled once the response starts.
+install_timeout_middleware()
 
 
 @bentoml.service(name="uservalue", traffic={"timeout": 60}, workers=1)
@@ -82,7 +87,9 @@ class UserValueService:
         `events`; an unknown id is named under `errors`, the others are answered. explain="effect": each
         user's per-event effects too."""
         try:
-            return await self.predictor.predict(events, as_of, user_ids, explain=explain)
+            # Encoded here, not by BentoML's output model: that validates the dict against `dict[str, Any]`
+            # and builds the route's JSON Schema on every response (~0.4 ms a request; issue 15's profile).
+            return JSONResponse(await self.predictor.predict(events, as_of, user_ids, explain=explain))  # type: ignore[return-value]
         except RequestError as error:
             return JSONResponse(error.body(), status_code=error.status)  # type: ignore[return-value]
 

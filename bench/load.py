@@ -2,9 +2,17 @@
 the real service and, in the same run, the trivial BentoML service (bench/serving/trivial_service.py, the
 same input type: BentoML's own cost). For each: requests, errors (a valid request not answered 200, any
 5xx, or no answer), invalid requests accepted (2xx), req/s, p50/p99 of the valid requests, the worker's RSS
-at the start and the end of the load (its growth should stay under 10 %).
+at the start and the end of the load (its growth should stay under 10 %), sampled every tenth of it.
 
-    python bench/load.py [--seconds 60] [--clients 8] [--project .]
+The RSS "start" is measured after a warm-up load (`--warmup`, 10 s of the same mix): the growth is that of
+a served worker, not its first requests' one-off costs (lazy imports and caches, allocator arenas), which
+`ready` (the worker's RSS once it answered its first request) to `start` shows apart; the growth over the
+second half of the load tells a leak (still growing) from a level reached. The trivial service is BentoML
+as shipped: its TimeoutMiddleware keeps every request's timer, and with it the request's tracing span,
+alive for traffic.timeout (60 s) after the answer, so its RSS climbs for the first minute of any load; the
+uservalue service cancels that timer (uservalue.serving.traffic), the cause of its own growth (issue 19).
+
+    python bench/load.py [--seconds 60] [--clients 8] [--warmup 10] [--project .]
 
 `--project` serves the Bento that project's package stage built (`uservalue serve`); the valid request
 is bench/serve.py's (three purchases in 1997: a user of the CDNOW or synthetic calendar). Printed and
@@ -119,13 +127,15 @@ def _sample_rss(server_pid: int, every: float, times: int, out: list[float]) -> 
 
 
 def measure(name: str, command: list[str], cwd: Path, env: dict[str, str], clients: int,
-            seconds: float) -> dict[str, object]:
+            seconds: float, warmup: float = 10.0) -> dict[str, object]:
     port = _free_port()
-    process = _start([*command, "--port", str(port)], cwd, port, env)
+    process = _start([*command, "--port", str(port)], cwd, port, env)  # answered one request: ready
     url = f"http://127.0.0.1:{port}/predict"
     samples: list[float] = []  # worker RSS (MB) every tenth of the load
     try:
-        asyncio.run(_load(url, clients, min(10.0, seconds)))  # warm-up: the RSS baseline is a served worker's
+        rss_ready = worker_rss(process.pid)
+        if warmup > 0:
+            asyncio.run(_load(url, clients, warmup))  # the RSS baseline is a served worker's
         rss_start = worker_rss(process.pid)
         sampler = threading.Thread(target=_sample_rss, args=(process.pid, seconds / 10, 10, samples), daemon=True)
         sampler.start()
@@ -134,15 +144,22 @@ def measure(name: str, command: list[str], cwd: Path, env: dict[str, str], clien
         rss_end = worker_rss(process.pid)
     finally:
         _stop(process)
-    result |= {"worker_rss_start_mb": rss_start / 2**20, "worker_rss_end_mb": rss_end / 2**20,
+    half = samples[len(samples) // 2 - 1] if len(samples) >= 2 else float("nan")
+    result |= {"warmup_seconds": warmup, "worker_rss_ready_mb": rss_ready / 2**20,
+               "worker_rss_start_mb": rss_start / 2**20, "worker_rss_end_mb": rss_end / 2**20,
                "worker_rss_growth": rss_end / rss_start - 1 if rss_start else float("nan"),
+               # a leak keeps growing: the second half of the load against its middle
+               "worker_rss_growth_second_half": samples[-1] / half - 1 if samples else float("nan"),
                "worker_rss_samples_mb": [round(s, 1) for s in samples]}
     print(f"{name}: {result['requests']} requests ({result['invalid_requests']} invalid, "
           f"{result['invalid_accepted']} of them accepted), "
           f"{result['errors']} errors {result['error_kinds'] or ''}, {result['rps']:.1f} req/s, "
-          f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms (valid), worker RSS "
+          f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms (valid); worker RSS "
           f"{result['worker_rss_start_mb']:.0f} -> {result['worker_rss_end_mb']:.0f} MB "
-          f"({result['worker_rss_growth']:+.1%}; every {seconds / 10:.0f} s: {result['worker_rss_samples_mb']})",
+          f"({result['worker_rss_growth']:+.1%} from a start after {warmup:.0f} s of warm-up load; "
+          f"{result['worker_rss_growth_second_half']:+.1%} over the second half; "
+          f"{result['worker_rss_ready_mb']:.0f} MB when ready (one request answered); "
+          f"every {seconds / 10:.0f} s: {result['worker_rss_samples_mb']})",
           flush=True)
     return result
 
@@ -151,22 +168,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="seconds of the same load before the RSS start is measured (0: none)")
     parser.add_argument("--project", type=Path, default=ROOT, help="project whose built Bento is served")
     args = parser.parse_args()
     project = args.project.resolve()
     if not (project / "reports" / "package.json").is_file():
         raise SystemExit(f"no built Bento in {project}: run `make run` (or dvc repro) there first")
     results: dict[str, object] = {"when": dt.datetime.now(dt.UTC).isoformat(), "cpus": os.cpu_count(),
-                                  "clients": args.clients, "seconds": args.seconds, "project": str(project),
+                                  "clients": args.clients, "seconds": args.seconds, "warmup": args.warmup,
+                                  "project": str(project),
                                   "mix": {"valid_per_invalid": VALID_PER_INVALID, "invalid_kinds": list(INVALID)}}
     results["trivial_bentoml"] = measure(
         "trivial_bentoml", [str(BIN / "bentoml"), "serve", "trivial_service:Trivial", "--host", "127.0.0.1"],
-        ROOT / "bench" / "serving", {"BENTOML_DO_NOT_TRACK": "true"}, args.clients, args.seconds)
+        ROOT / "bench" / "serving", {"BENTOML_DO_NOT_TRACK": "true"}, args.clients, args.seconds, args.warmup)
     log_dir = OUT / "load" / "prediction_log"
     results["uservalue_service"] = measure(
         "uservalue_service", [str(BIN / "uservalue"), "serve"], project,
         {"USERVALUE_PREDICTION_LOG_DIR": str(log_dir), "USERVALUE_PROJECT_DIR": str(project)},
-        args.clients, args.seconds)
+        args.clients, args.seconds, args.warmup)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "load.json").write_text(json.dumps(results, indent=2) + "\n")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--tastes", type=int, default=None, help="default: params data.synthetic.tastes")
     parser.add_argument("--max-eval-users", type=int, default=5000)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--models", default=None, help="comma-separated kinds of params recs.models (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KIND.PARAM=JSON",
+                        help="override one recommender param, e.g. --set taste.gamma=50 (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "recs_quality.json")
     args = parser.parse_args()
     params = load_params(args.params)
@@ -63,7 +67,13 @@ def main() -> None:
         print(f"time split at {cutoff.date()}: {len(split.truth):,} users evaluated, "
               f"{split.catalog_items:,} items before the cutoff")
         results: dict[str, dict[str, float]] = {}
-        for kind, model_params in params.recs.models.items():
+        chosen = args.models.split(",") if args.models else list(params.recs.models)
+        for kind in chosen:
+            model_params = dict(params.recs.models.get(kind, {}))
+            for override in args.set:
+                name, _, value = override.partition("=")
+                if name.split(".", 1)[0] == kind:
+                    model_params[name.split(".", 1)[1]] = json.loads(value)
             model = create_recommender(kind, model_params)
             started = time.perf_counter()
             summary = model.fit(events, cutoff, FitOptions(params.train.seed, args.device))

@@ -3,7 +3,7 @@
 Run from the project root after `make run` (it serves the Bento the package stage built, and the
 online store the materialize stage wrote):
 
-    python bench/serve.py [--seconds 30] [--clients 1 8] [--users 100000]
+    python bench/serve.py [--seconds 30] [--clients 1 8] [--users 100000] [--project DIR]
 
 First the service's compute alone is timed in this process (`--compute`: score, log and answer
 one request, no HTTP). Then three servers are measured one after another, in one run, with the
@@ -34,6 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
+PROJECT = ROOT  # the project whose Bento and online store are measured (--project)
 BIN = Path(sys.executable).parent
 REQUEST = {
     "events": [
@@ -50,7 +51,7 @@ def stored_users(n: int) -> list[str]:
     """The first n user ids of the validated events (the users the materialize stage stored)."""
     import duckdb
 
-    path = ROOT / "data" / "validated.parquet"
+    path = PROJECT / "data" / "validated.parquet"
     return [row[0] for row in duckdb.sql(f"SELECT DISTINCT user_id FROM read_parquet('{path}') ORDER BY 1 LIMIT {n}")
             .fetchall()]
 
@@ -128,7 +129,7 @@ def bench_batch(users: int) -> dict[str, float]:
         events = OUT / "serve" / f"events_u{users}.parquet"
     if not events.is_file():
         generate(SyntheticSource(users=users, events_per_user=100, seed=0), events, events.parent / f"truth_u{users}")
-    model, info = load_registered(StageContext(ROOT, load_params(ROOT / "params.yaml")))
+    model, info = load_registered(StageContext(PROJECT, load_params(PROJECT / "params.yaml")))
     as_of = default_as_of(events)
     started = time.perf_counter()
     features = build_features(events, as_of, model.spec).to_pandas()
@@ -141,9 +142,10 @@ def bench_batch(users: int) -> dict[str, float]:
 
 
 def bench_compute(repeats: int) -> dict[str, dict[str, float]]:
-    """The service's compute per request, in this process, without HTTP: Scorer.score_batch (store
-    read, online features, model with influence), answers and log_frame, as BatchingPredictor runs
-    them for a lone request. Median and p90 ms over `repeats` calls per path (a tenth for 1,000 ids)."""
+    """The service's compute per request, in this process, without HTTP: Scorer.prepare and score_batch
+    (store read, online features, model with influence) and answers, what a lone request waits for in
+    BatchingPredictor (the prediction log's rows are built later, for many requests at once). Median and
+    p90 ms over `repeats` calls per path (a tenth for 1,000 ids)."""
     import statistics
 
     import bentoml
@@ -153,9 +155,9 @@ def bench_compute(repeats: int) -> dict[str, dict[str, float]]:
     from uservalue.serving.scorer import Scorer
     from uservalue.serving.settings import open_configured_store, serve_settings
 
-    record = json.loads((ROOT / "reports" / "package.json").read_text())
-    os.environ.setdefault("BENTOML_HOME", str(ROOT / record["bentoml_home"]))
-    os.environ.setdefault("USERVALUE_PROJECT_DIR", str(ROOT))
+    record = json.loads((PROJECT / "reports" / "package.json").read_text())
+    os.environ.setdefault("BENTOML_HOME", str(PROJECT / record["bentoml_home"]))
+    os.environ.setdefault("USERVALUE_PROJECT_DIR", str(PROJECT))
     model, info, _ = load_packaged_model(bentoml.models.get(record["bento_model"]))
     store = open_configured_store(serve_settings())
     scorer = Scorer(model, info, max_events=100_000, max_users=10_000, store=store)
@@ -170,9 +172,7 @@ def bench_compute(repeats: int) -> dict[str, dict[str, float]]:
             times = []
             for _ in range(max(repeats // (10 if path == "by_id_1000" else 1), 5)):
                 started = time.perf_counter()
-                batch = scorer.score_batch([scorer.prepare(sent, when, ids)])
-                scorer.log_frame(batch)
-                scorer.answers(batch)
+                scorer.answers(scorer.score_batch([scorer.prepare(sent, when, ids)]))
                 times.append((time.perf_counter() - started) * 1e3)
             times = times[len(times) // 10:]  # the first calls warm caches up
             figures[path] = {"p50_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90))}
@@ -227,11 +227,18 @@ def main() -> None:
     parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                         help="instead of one server after the other: the service and the trivial service up "
                              "together, each path in ROUNDS alternating rounds (for cores shared with other work)")
+    parser.add_argument("--project", type=Path, default=ROOT,
+                        help="project root after `make run` whose Bento and online store are measured (default: this one)")
     args = parser.parse_args()
-    if not (ROOT / "reports" / "package.json").is_file():
+    global PROJECT
+    PROJECT = args.project.resolve()
+    if not (PROJECT / "reports" / "package.json").is_file():
         raise SystemExit("no built Bento: run `make run` first")
 
+    package = json.loads((PROJECT / "reports" / "package.json").read_text())
     results: dict[str, object] = {"when": dt.datetime.now(dt.UTC).isoformat(), "cpus": os.cpu_count(),
+                                  "project": str(PROJECT), "model_type": package.get("model_type"),
+                                  "load_average": os.getloadavg(),
                                   "clients": args.clients, "seconds": args.seconds}
     if args.compute:
         results["compute"] = bench_compute(args.compute)
@@ -246,7 +253,7 @@ def main() -> None:
         "trivial_bentoml": lambda port: _start([str(BIN / "bentoml"), "serve", "trivial_service:Trivial",
                                                 "--host", "127.0.0.1", "--port", str(port)],
                                                ROOT / "bench" / "serving", port, {"BENTOML_DO_NOT_TRACK": "true"}),
-        "uservalue_service": lambda port: _start([str(BIN / "uservalue"), "serve", "--port", str(port)], ROOT, port,
+        "uservalue_service": lambda port: _start([str(BIN / "uservalue"), "serve", "--port", str(port)], PROJECT, port,
                                                  {"USERVALUE_PREDICTION_LOG_DIR": str(OUT / "serve" / "prediction_log")}),
     }
     # The real service's paths: (request body, client counts).

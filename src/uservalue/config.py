@@ -97,9 +97,10 @@ class FileSource(_Section):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, columns: dict[str, str | None], info: ValidationInfo) -> dict[str, str | None]:
-        from uservalue.schema import EVENT_COLUMNS
+        from uservalue.schema import EVENT_COLUMNS, OPTIONAL_COLUMNS
 
-        allowed = [*EVENT_COLUMNS, "unit_price"]  # unit_price: amount = quantity x unit price
+        # unit_price: amount = quantity x unit price; item_text: optional (issue 23)
+        allowed = [*EVENT_COLUMNS, *OPTIONAL_COLUMNS, "unit_price"]
         unknown = sorted(set(columns) - set(allowed))
         if unknown:
             raise ValueError(f"unknown canonical columns {unknown}; allowed: {allowed}")
@@ -111,6 +112,26 @@ class FileSource(_Section):
                     if "behavior" in missing else "")
             raise ValueError(f"required canonical columns {missing} need a source column{hint}")
         return columns
+
+
+class SyntheticTitles(_Section):
+    """Item titles with planted value (issue 23): each item's title is `words_per_title` words of a vocabulary
+    of `words`; the first `value_words` of it raise the price (x exp(price_effect) per word) and the purchase
+    propensity (x exp(buy_effect) per word) of the items they name, and users lean towards such items by a
+    persistent latent share (up to `lean`), so the text of what a user saw tells their future value."""
+
+    words: int = Field(60, ge=2, description="vocabulary size")
+    words_per_title: int = Field(3, ge=1, le=12)
+    value_words: int = Field(6, ge=1, description="the first words of the vocabulary carry the planted value")
+    price_effect: float = Field(0.4, ge=0, le=3, description="log price multiplier per value word in a title")
+    buy_effect: float = Field(0.5, ge=0, le=3, description="log purchase propensity multiplier per value word")
+    lean: float = Field(0.6, ge=0, le=1, description="largest share of a user's events moved to value items")
+
+    @model_validator(mode="after")
+    def _value_words_fit(self) -> SyntheticTitles:
+        if self.value_words >= self.words:
+            raise ValueError("titles.value_words must be fewer than titles.words")
+        return self
 
 
 class SyntheticSource(_Section):
@@ -141,6 +162,8 @@ class SyntheticSource(_Section):
     affinity: float = Field(0.0, ge=0, le=1, description="share of events on the user's taste's favourite items")
     tastes: int = Field(20, ge=1, description="taste groups of users that share favourite items")
     favorites_per_category: int = Field(5, ge=1, description="favourite items of a taste in each category")
+    # Item titles (item_text) with planted word value (issue 23); null: no text column (the log is unchanged).
+    titles: SyntheticTitles | None = Field(None, description="item titles with planted value; null: none")
 
     @model_validator(mode="after")
     def _influence_matches_mix(self) -> SyntheticSource:
@@ -163,6 +186,9 @@ class DataParams(_Section):
     taobao: TaobaoSource = TaobaoSource()
     file: FileSource = FileSource()
     synthetic: SyntheticSource = SyntheticSource()
+    engine: Literal["duckdb", "spark"] = Field(
+        "duckdb", description="the ingest stage's engine: duckdb (embedded) | spark (the session of params "
+                              "`spark`; uservalue.data.spark_ingest); the same canonical events")
 
     @field_validator("behaviors")
     @classmethod
@@ -207,6 +233,9 @@ class ValidateParams(_Section):
         1_000_000, ge=1,
         description="rows validated at once: row-level expectations run per batch of this many rows (bounded "
                     "memory); table-level ones are DuckDB aggregates over the whole file")
+    engine: Literal["duckdb", "spark"] = Field(
+        "duckdb", description="duckdb (embedded: pandas batches and DuckDB aggregates) | spark (Great "
+                              "Expectations' Spark datasource on the session of params `spark`); the same verdict")
 
     @property
     def window(self) -> tuple[dt.datetime | None, dt.datetime | None]:
@@ -341,7 +370,9 @@ MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
 
 
 # Keys of a `train.<model>` section that the train stage reads itself (not passed to the model).
-STAGE_TRAIN_KEYS = ("max_train_rows",)
+STAGE_TRAIN_KEYS = ("max_train_rows", "distributed")
+# The models `train.<model>.distributed` runs on several processes (torchrun + DistributedDataParallel).
+DISTRIBUTED_MODELS = ("mlp", "sequence")
 
 
 class _TrainBase(_Section):
@@ -377,6 +408,23 @@ class _TrainBase(_Section):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"train.{name}.max_train_rows: expected a positive integer or null, got {value!r}")
         return value
+
+    def nproc_per_node(self, name: str) -> int:
+        """`train.<model>.distributed: {nproc_per_node: N}`: train on N processes of this machine under
+        torchrun with DistributedDataParallel (NCCL, one GPU each, on CUDA; gloo on the CPU); the
+        deep models only. Null or absent: 1, one process."""
+        value = getattr(self, name).get("distributed")
+        if value is None:
+            return 1
+        where = f"train.{name}.distributed"
+        if not isinstance(value, dict) or set(value) - {"nproc_per_node"}:
+            raise ConfigError(f"{where}: expected {{nproc_per_node: N}}, got {value!r}")
+        n = value.get("nproc_per_node", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"{where}.nproc_per_node: expected a positive integer, got {n!r}")
+        if n > 1 and name not in DISTRIBUTED_MODELS:
+            raise ConfigError(f"{where}: only {list(DISTRIBUTED_MODELS)} train on several processes, not {name}")
+        return n
 
 
 # One `train.<model>` section per catalog entry.
@@ -535,6 +583,10 @@ class MonitorParams(_Section):
     column_threshold: float = Field(0.1, gt=0, description="a column drifts when its distance reaches this")
     drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted columns that flags drift")
     min_rows: int = Field(100, ge=1, description="fewer current rows than this is an error, not a verdict")
+    max_rows: int | None = Field(
+        100_000, ge=1, description="each window larger than this is sampled to this many rows (fixed seed) before "
+                                   "Evidently, which holds both windows in memory; null: never sample")
+    seed: int = Field(0, description="the sampling seed (max_rows)")
 
 
 class MetricTarget(MetricBound):
@@ -559,8 +611,8 @@ class RecsParams(_Section):
     """The train_recs stage: top-K recommenders fitted on events before split.eval_cutoff, scored on the
     split.horizon_days after it; the best is registered as its own model, promoted through a gate."""
 
-    models: dict[Literal["popularity", "cooccurrence", "nextitem"], dict[str, Any]] = Field(
-        default_factory=lambda: {"popularity": {}, "cooccurrence": {}, "nextitem": {}},
+    models: dict[Literal["popularity", "cooccurrence", "nextitem", "taste"], dict[str, Any]] = Field(
+        default_factory=lambda: {"popularity": {}, "cooccurrence": {}, "nextitem": {}, "taste": {}},
         description="recommender kind -> its params (uservalue.recs)")
     exclude_bought: bool = Field(True, description="leave out items the user bought (also the service's default)")
     truth_behaviors: list[str] | None = Field(None, description="behaviours whose items after the cutoff are the truth; null: all")
@@ -570,6 +622,20 @@ class RecsParams(_Section):
     min_delta: float = Field(0.0, ge=0, description="how much the candidate must beat the champion by")
     guards: dict[RecsMetric, float] = Field(default_factory=lambda: {"ndcg_at_20": 0.01},
                                             description="metric -> how much worse than the champion the candidate may be")
+
+
+class EmbedItemsParams(_Section):
+    """The embed_items stage (issue 23): each distinct item text through the shipped all-MiniLM-L6-v2
+    (uservalue.text), cached by text hash."""
+
+    batch_size: int = Field(64, ge=1, description="texts per forward pass")
+    max_length: int = Field(128, ge=8, le=512, description="tokens read of each text")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    pca_dim: int | None = Field(32, ge=1, le=384, description="output vector size (PCA of the 384-d vectors, "
+                                                              "fitted on the distinct texts); null: 384")
+    cache_dir: str = Field("tmp/text_cache", description="embeddings by text hash and the unpacked model "
+                                                       "(git-ignored; a cache: never changes a result)")
+    seed: int = Field(0, description="PCA's seed")
 
 
 class Params(_Section):
@@ -593,6 +659,7 @@ class Params(_Section):
     report: ReportParams = ReportParams()
     spark: SparkParams = SparkParams()
     recs: RecsParams = RecsParams()
+    embed_items: EmbedItemsParams = EmbedItemsParams()
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

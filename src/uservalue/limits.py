@@ -23,7 +23,7 @@ ID_REGEX: Final = re.compile(ID_PATTERN)
 # Numbers: finite, >= 0 and at most these. A larger amount is a unit mistake or an attack, and it would
 # overflow the float32 features (1.7e308 became inf and broke the monitor); sums over
 # MAX_EVENTS_PER_USER events of AMOUNT_MAX stay far below float32's 3.4e38.
-AMOUNT_MAX: Final = 1e8  # money of one event (a purchase); non-purchases must have amount 0
+AMOUNT_MAX: Final = 1e8  # money of one event (a purchase or a return); other behaviours have amount 0
 QUANTITY_MAX: Final = 1e6  # units of one event
 
 # Times (UTC). An event is not older than TS_MIN and not in the future (CLOCK_SKEW tolerated for a
@@ -57,11 +57,30 @@ def id_problem(value: str) -> str | None:
     return None
 
 
+# Item text (issue 23; the optional item_text column: a title or description): 1..ITEM_TEXT_MAX_LENGTH
+# characters once trimmed, valid UTF-8, no control character other than tab, newline and carriage return.
+# Longer text is a wrong column mapping (a whole HTML page), and the text model reads 256 tokens at most.
+ITEM_TEXT_MIN_LENGTH: Final = 1
+ITEM_TEXT_MAX_LENGTH: Final = 2000
+ITEM_TEXT_PATTERN: Final = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+$"  # GE `regex` and Python `re`
+ITEM_TEXT_REGEX: Final = re.compile(ITEM_TEXT_PATTERN)
+
+
+def item_text_problem(value: str) -> str | None:
+    """Why `value` is not an acceptable item text, or None."""
+    if not ITEM_TEXT_MIN_LENGTH <= len(value) <= ITEM_TEXT_MAX_LENGTH:
+        return f"{len(value)} characters; expected {ITEM_TEXT_MIN_LENGTH} to {ITEM_TEXT_MAX_LENGTH}"
+    if not ITEM_TEXT_REGEX.fullmatch(value):
+        bad = next(c for c in value if not ITEM_TEXT_REGEX.fullmatch(c))
+        return f"contains the control character {bad!r}; expected none but tab, newline, carriage return"
+    return None
+
+
 LIMITS_TABLE: Final = (
     # (name, value, what it bounds) - README "Limits" shows this table.
     ("ID_MAX_LENGTH", ID_MAX_LENGTH, "characters of user_id, item_id, category_id, event_id (at least 1)"),
     ("ID_PATTERN", ID_PATTERN, "identifiers hold no control character (NUL, \\x1f, ...)"),
-    ("AMOUNT_MAX", AMOUNT_MAX, "amount of one event; >= 0, finite, and 0 unless behavior is buy"),
+    ("AMOUNT_MAX", AMOUNT_MAX, "amount of one event; >= 0, finite, and 0 unless behavior is buy or return"),
     ("QUANTITY_MAX", QUANTITY_MAX, "quantity of one event; >= 0, finite"),
     ("TS_MIN", TS_MIN.isoformat(), "earliest event ts and as_of"),
     ("CLOCK_SKEW", str(CLOCK_SKEW), "an event ts may be at most this far in the future"),

@@ -25,3 +25,16 @@ EVENTS_SCHEMA = pa.schema(
 )
 EVENT_COLUMNS: tuple[str, ...] = tuple(EVENTS_SCHEMA.names)
 REQUIRED_COLUMNS: tuple[str, ...] = ("user_id", "ts", "behavior", "quantity", "amount")
+
+# Optional columns (issue 23): a source that has item text (a title, an order line's Description) maps it
+# to `item_text`; its events table is EVENTS_TEXT_SCHEMA then. Sources without text (CDNOW, Taobao, the
+# default synthetic log) write EVENTS_SCHEMA exactly as before: no empty text column.
+ITEM_TEXT = "item_text"
+EVENTS_TEXT_SCHEMA = EVENTS_SCHEMA.append(pa.field(ITEM_TEXT, pa.string()))
+OPTIONAL_COLUMNS: tuple[str, ...] = (ITEM_TEXT,)
+
+
+def events_schema(columns: list[str] | tuple[str, ...] | pa.Schema) -> pa.Schema:
+    """The canonical schema of a table with these columns: with item text when it has the column."""
+    names = columns.names if isinstance(columns, pa.Schema) else columns
+    return EVENTS_TEXT_SCHEMA if ITEM_TEXT in names else EVENTS_SCHEMA

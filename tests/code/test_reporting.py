@@ -3,6 +3,7 @@ of whole pages are in tests/e2e/test_pages.py and the DVC pipeline test)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from pathlib import Path
@@ -115,6 +116,13 @@ def outcome() -> RunOutcome:
                     "expectations_evaluated": 18, "failed_expectations": []},
         monitoring={"drift_detected": False, "drifted_share": 0.25, "report": "x.html",
                     "columns": {"p_buy": {"method": "wasserstein", "score": 0.01, "threshold": 0.1, "drifted": False}}},
+        recs={"eval_cutoff": "1997-10-01", "horizon_days": 273, "users": 50, "primary_metric": "recall_at_20",
+              "champion": "taste", "ratios": {"recall_at_20 champion / popularity": 10.7},
+              "models": {"popularity": {"recall_at_20": 0.053, "ndcg_at_20": 0.058, "hit_rate_at_10": 0.28,
+                                        "coverage": 0.0005},
+                         "taste": {"recall_at_20": 0.5675123, "ndcg_at_20": 0.598, "hit_rate_at_10": 0.94,
+                                   "coverage": 0.5}},
+              "planted_truth": {"recall_at_20": 0.69, "ndcg_at_20": 0.70, "hit_rate_at_10": 0.975, "coverage": 0.48}},
         lineage={"git commit": "0123abc"}, links={"data_docs": "validation/data_docs/index.html"})
 
 
@@ -140,3 +148,14 @@ def test_the_page_shows_every_figure_exactly_and_marks_targets() -> None:
     assert "&lt;than&gt;" in page  # reasons are text, never markup
     assert re.search(r'class="ok"[^>]*data-model="linear" data-metric="gini"', page)
     assert re.search(r'class="miss champion"[^>]*data-model="mlp" data-metric="gini"', page)
+
+
+def test_the_page_shows_the_recommenders_of_train_recs() -> None:
+    result = outcome()
+    values = page_values(render_page(result, TARGETS, dt.datetime(2026, 11, 30, tzinfo=dt.UTC)))
+    assert result.recs is not None and values["recs.champion"] == "taste"
+    for name, scores in {**result.recs["models"], "planted truth": result.recs["planted_truth"]}.items():
+        for metric, value in scores.items():
+            assert float(values[f"recs.{name}.{metric}"]) == value
+    without = render_page(dataclasses.replace(result, recs=None), TARGETS, dt.datetime(2026, 11, 30, tzinfo=dt.UTC))
+    assert "train_recs stage has not run" in without and "recs.champion" not in page_values(without)

@@ -13,12 +13,14 @@ from pydantic import ValidationError
 
 from uservalue import limits
 from uservalue.errors import ConfigError
-from uservalue.schema import EVENTS_SCHEMA
+from uservalue.schema import EVENTS_SCHEMA, MONEY_BEHAVIORS, RETURN
 from uservalue.serving.auth import offered_key
 from uservalue.serving.prediction_log import PredictionLog, finite_rows, read_prediction_log
 from uservalue.serving.requests import (
     ClientErrorLogFilter,
     Event,
+    EventsRequest,
+    LoggedEvent,
     PredictRequest,
     RequestError,
     events_table,
@@ -55,8 +57,10 @@ def test_event_reads_json_as_a_client_sends_it() -> None:
         ({"amount": 1.7e308}, "amount", f"less than or equal to {limits.AMOUNT_MAX:.0f}"),
         ({"amount": "3"}, "amount", "valid number"),
         ({"quantity": limits.QUANTITY_MAX * 10}, "quantity", "less than or equal to"),
-        ({"behavior": "view", "amount": 999}, "amount", "expected 0 unless behavior is 'buy'"),
-        ({"behavior": "click"}, "behavior", "'view', 'fav', 'cart' or 'buy'"),
+        ({"behavior": "view", "amount": 999}, "amount", "expected 0 unless behavior is 'buy' or 'return'"),
+        ({"behavior": "cart", "amount": 5}, "amount", "expected 0 unless behavior is 'buy' or 'return'"),
+        ({"behavior": "return", "amount": -1.0}, "amount", "greater than or equal to 0"),
+        ({"behavior": "click"}, "behavior", "'view', 'fav', 'cart', 'buy' or 'return'"),
         ({"ts": "1400-01-01"}, "ts", "out of range"),
         ({"ts": "0001-01-01T00:00:00Z"}, "ts", "out of range"),
         ({"ts": "2999-01-01T00:00:00Z"}, "ts", "not in the future"),
@@ -72,6 +76,23 @@ def test_event_errors_name_the_field(change: dict, field: str, problem: str) -> 
         _event(**change)
     error = caught.value.errors()[0]
     assert error["loc"] == (field,) and problem in error["msg"]
+
+
+def test_every_money_behaviour_carries_an_amount_as_the_gate_allows() -> None:
+    # schema.MONEY_BEHAVIORS (purchases and returns, the validation gate's rule) carry an amount, in /predict
+    # and /events alike; a model trained without returns refuses the behaviour itself (validate_events).
+    for behavior in MONEY_BEHAVIORS:
+        event = {"user_id": "u1", "ts": "1997-03-01T10:00:00Z", "behavior": behavior, "amount": 12.5, "quantity": 2}
+        assert LoggedEvent.model_validate({**event, "event_id": "e1"}).amount == 12.5
+        request = PredictRequest.model_validate_json(json.dumps({"events": [event], "as_of": "1998-01-01"}))
+        assert request.events[0].behavior == behavior and request.events[0].amount == 12.5
+        assert EventsRequest.model_validate({"events": [event]}).events[0].amount == 12.5
+    returned = [_event(), _event(behavior=RETURN, amount=4.0)]
+    assert validate_events(returned, ("buy", RETURN), 10, 10) == {"u1"}
+    assert events_table([returned]).column("amount").to_pylist() == [0.0, 4.0]
+    with pytest.raises(RequestError) as no_returns:
+        validate_events(returned, BEHAVIORS, 10, 10)
+    assert no_returns.value.loc == ["events", 1, "behavior"] and "'return'" in no_returns.value.problem
 
 
 def test_predict_request_refuses_unknown_keys_and_as_of_out_of_range() -> None:

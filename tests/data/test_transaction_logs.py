@@ -359,3 +359,25 @@ def test_dvc_exp_run_reads_an_online_retail_export(tmp_path: Path) -> None:
     assert dict(zip(evaluation["user_id"], evaluation["value"], strict=True)) == pytest.approx(expected_net_spend())
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["data"]["file"]["returns"] == {"column": "Invoice", "prefix": "C"}  # what the run used
+
+
+def test_historical_and_btyd_spend_is_net_of_returns_like_the_labels(ingested) -> None:
+    """Labels of a returns log are net spend, so the purchase-only baselines read spend net of returns too:
+    the run-rate of `historical` and BTYD's per-customer monetary value (never below 0)."""
+    from uservalue.models.btyd import rfm_summary
+    from uservalue.models.catalog import create_model
+
+    _, out, _ = ingested
+    features = build_features(pq.read_table(out), CUTOFF, SPEC).to_pandas()
+    model = create_model("historical", {"window_days": 30}, SPEC, horizon_days=90)
+    predicted = model.predict(features).set_index("user_id")["expected_value"]
+    by_user = features.set_index("user_id")
+    net = (by_user["monetary_sum_30d"] - by_user["return_amount_sum_30d"]).clip(lower=0) * 90 / 30
+    assert predicted.to_dict() == pytest.approx(net.to_dict())
+    assert (by_user["return_amount_sum_30d"] > 0).any(), "the sample must return something in the window"
+
+    summary = rfm_summary(features, time_unit_days=7.0)
+    days = features["purchase_days"].clip(lower=1).to_numpy()
+    buyer = features["purchase_days"].to_numpy() > 0
+    expected = ((features["monetary_sum"] - features["return_amount_sum"]).clip(lower=0).to_numpy() / days)
+    assert summary["monetary_value"].to_numpy() == pytest.approx(expected * buyer)

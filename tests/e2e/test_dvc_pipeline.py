@@ -41,7 +41,7 @@ def test_repro_builds_every_stage_on_cdnow(reproduced: Path) -> None:
     lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
     models = yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["models"]
     assert set(lock["stages"]) == {"ingest", "validate", "materialize", "featurize", "evaluate", "register", "package",
-                                   "train_recs", "monitor", "report", *(f"train@{m}" for m in models)}
+                                   "train_recs", "monitor", "report", "embed_items", *(f"train@{m}" for m in models)}
     materialized = json.loads((reproduced / "reports/materialize.json").read_text())
     assert materialized["users"] == 23_570 and materialized["events"] == 69_659
     assert lock["stages"]["featurize"]["params"]["params.yaml"]["split"]["sources"]["cdnow"]["horizon_days"] == 273

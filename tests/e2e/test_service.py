@@ -232,6 +232,52 @@ def test_events_update_the_store_once_per_event_id(server: Server, project: Path
     assert "new-user" not in set(logged["user_id"])  # the store changed, the pipeline's data did not
 
 
+def test_explain_effect_over_http(server: Server, project: Path) -> None:
+    """"explain": "effect" adds, per user, the change one more event of each behaviour at as_of makes:
+    the trained champion's own numbers (models.influence.user_effects on the user's row), null for a
+    behaviour it never saw in training; without it no effect is returned; a bad value is a 400
+    naming the field."""
+    import pyarrow as pa
+
+    from uservalue.features.online import event_columns, online_arrays
+    from uservalue.models import influence
+    from uservalue.models.catalog import load_model
+    from uservalue.schema import EVENTS_SCHEMA
+
+    users = eval_users(project, 3, offset=4)
+    body = {"events": events_of(project, users), "as_of": EVAL_CUTOFF}
+    response = _predict(server, {**body, "explain": "effect"})
+    assert response.status_code == 200, response.text
+    answers = {row["user_id"]: row for row in response.json()["predictions"]}
+    assert sorted(answers) == sorted(users)
+    champion = json.loads((project / "reports/metrics.json").read_text())["champion"]
+    model = load_model(project / "models" / champion / "model")
+    seen = json.loads((project / "models" / champion / "influence.json").read_text())["seen"]
+    events = pd.read_parquet(project / "data/validated.parquet")
+    events = events[events["user_id"].isin(users) & (events["ts"] < pd.Timestamp(EVAL_CUTOFF))]
+    rows = online_arrays(event_columns(pa.Table.from_pandas(events, schema=EVENTS_SCHEMA, preserve_index=False)),
+                         pd.Timestamp(EVAL_CUTOFF).to_pydatetime(), model.spec)
+    offline = dict(zip(rows.user_id.tolist(), influence.user_effects(model, rows), strict=True))
+    for user, row in answers.items():
+        assert set(row["effect"]) == {"view", "fav", "cart"}  # every behaviour but the purchase
+        for behavior, effect in row["effect"].items():
+            if not seen[behavior]:
+                assert effect is None, (behavior, effect)
+                continue
+            assert set(effect) == {"expected_value", "p_buy"}
+            assert effect["expected_value"] == pytest.approx(offline[user][behavior]["expected_value"], rel=1e-6,
+                                                             abs=1e-9)
+            assert effect["p_buy"] == pytest.approx(offline[user][behavior]["p_buy"], rel=1e-6, abs=1e-12)
+    # The synthetic log has every behaviour: each is seen, and some user's effects are not all zero.
+    assert all(seen[b] for b in ("view", "fav", "cart"))
+    assert any(e["expected_value"] != 0 for row in answers.values() for e in row["effect"].values())
+    plain = _predict(server, body)
+    assert plain.status_code == 200 and all("effect" not in row for row in plain.json()["predictions"])
+    bad = server.post("/predict", {**body, "explain": "shapley"})
+    assert bad.status_code == 400, bad.text
+    assert any(item["loc"] == ["explain"] and "effect" in item["msg"] for item in bad.json()["detail"]), bad.json()
+
+
 def _recommend_offline(project: Path, user: str, as_of: str, k: int) -> list[str]:
     """The train_recs stage's champion, loaded from its saved directory, on the user's validated events."""
     from uservalue.recs.base import load_recommender

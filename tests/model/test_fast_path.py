@@ -110,12 +110,13 @@ def test_deep_fast_path_in_chunks(name, fitted_models, eval_arrays) -> None:
         np.testing.assert_allclose(getattr(chunked, name), getattr(whole, name), rtol=1e-6, atol=1e-9)
 
 
-def test_mlp_serves_a_torchscript_trace_traced_on_one_row(fitted_models, eval_arrays) -> None:
-    """The MLP's fast path runs its network traced by TorchScript (checked bit for bit against eager
-    on the first batch); a trace taken on one row scores any number of rows with the batch's numbers.
-    The other models run eager (sequence: its forward branches on the data)."""
-    model = fitted_models("mlp")
-    assert model.traced_inference and not fitted_models("sequence").traced_inference
+@pytest.mark.parametrize("name", ["mlp", "sequence"])
+def test_deep_models_serve_a_torchscript_trace_traced_on_one_row(name, fitted_models, eval_arrays) -> None:
+    """The MLP's and the sequence model's fast path runs the network traced by TorchScript (checked bit
+    for bit against eager on the first batch and on a wider one); a trace taken on one row scores any
+    number of rows, of any lengths, with the batch's numbers. The graph model runs eager."""
+    model = fitted_models(name)
+    assert model.traced_inference and not fitted_models("gnn").traced_inference
     model._traced = None  # trace again, on a single row this time
     model.predict_arrays(eval_arrays.take(np.array([3])))
     assert model.serving_is_traced

@@ -32,7 +32,8 @@ from uservalue.recs.evaluate import (
 CUTOFF = dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
 HORIZON = 120
 FAST = {"popularity": {}, "cooccurrence": {"neighbors": 50},
-        "nextitem": {"dim": 16, "epochs": 4, "samples_per_user": 10, "negatives": 300}}
+        "nextitem": {"dim": 16, "epochs": 4, "samples_per_user": 10, "negatives": 300},
+        "taste": {"tastes": 8, "gamma": 5, "cooccurrence": 0.5, "neighbors": 50}}
 TINY = {**FAST, "nextitem": {"dim": 8, "epochs": 1, "samples_per_user": 2, "negatives": 100}}
 WORLD = SyntheticSource(users=1000, events_per_user=40, seed=11, affinity=0.6, categories=100, items_per_category=40,
                         tastes=8)
@@ -61,7 +62,7 @@ def fitted(events: pd.DataFrame) -> dict:
 
 
 def test_every_kind_is_in_the_catalog_and_config() -> None:
-    assert set(RECOMMENDERS) == set(RecsParams().models) == {"popularity", "cooccurrence", "nextitem"}
+    assert set(RECOMMENDERS) == set(RecsParams().models) == {"popularity", "cooccurrence", "nextitem", "taste"}
     with pytest.raises(ValueError, match="unknown recommender"):
         create_recommender("nope")
 
@@ -112,6 +113,8 @@ def test_learned_model_beats_the_baselines_and_nears_the_planted_truth(events: p
     assert recall["nextitem"] > recall["cooccurrence"], recall
     assert recall["nextitem"] <= truth["recall_at_20"] * 1.1 and truth["recall_at_20"] > 2 * recall["popularity"]
     assert scores["popularity"]["coverage"] < scores["nextitem"]["coverage"]
+    # The taste groups (EM over users) carry a user's taste to the favourites they have not met yet.
+    assert recall["taste"] > max(recall["cooccurrence"], recall["nextitem"]), recall
 
 
 def test_ranking_metrics_by_hand() -> None:
@@ -212,3 +215,34 @@ def test_a_log_without_items_is_skipped_not_failed(world: tuple[Path, Path], rep
     assert "no event has an item_id" in result["report"]["skipped"]
     assert json.loads((tmp_path / "r.json").read_text())["champion_version"] is None
     assert "Skipped" in (tmp_path / "m.md").read_text() and (tmp_path / "models" / "skipped.json").is_file()
+
+
+def test_taobao_log_runs_through_train_recs(taobao_events: Path, repo_params: dict, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Taobao UserBehavior log (the generated file, and the real ~43-user sample where
+    USERVALUE_SAMPLE_DIR names it) through the stage: the last day of the release is the truth, every model
+    is scored and the best registered; no planted truth to compare with."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    models = {"popularity": {}, "cooccurrence": {"neighbors": 50}, "taste": {"tastes": 4, "iterations": 20}}
+    ctx = StageContext(tmp_path, parse_params(merge(repo_params, {
+        "split.eval_cutoff": "2017-12-02", "split.horizon_days": 1,
+        "split.train_cutoffs": [], "recs.models": models, "train.device": "cpu",
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.artifact_location": (tmp_path / "artifacts").as_uri()})))
+    result = run_train_recs(ctx, taobao_events, taobao_events.parent / "truth", tmp_path / "models",
+                            tmp_path / "recs_metrics.json", tmp_path / "recs.md", tmp_path / "recs_registry.json")
+    report = json.loads((tmp_path / "recs_metrics.json").read_text())
+    events = pd.read_parquet(taobao_events)
+    cutoff = pd.Timestamp("2017-12-02", tz="UTC")
+    active = set(events.loc[events["ts"] < cutoff, "user_id"]) & set(
+        events.loc[(events["ts"] >= cutoff) & (events["ts"] < cutoff + pd.Timedelta(days=1)), "user_id"])
+    assert 0 < report["users"] <= len(active) and report["planted_truth"] is None
+    assert set(report["models"]) == set(models) and report["champion"] in models
+    for kind, metrics in report["models"].items():
+        assert all(0.0 <= metrics[k] <= 1.0 for k in ("recall_at_20", "ndcg_at_20", "hit_rate_at_10", "coverage")), kind
+    assert result["registry"]["decision"]["alias"] == CHAMPION
+    assert "| taste |" in (tmp_path / "recs.md").read_text()
+    loaded = load_recommender(tmp_path / "models" / "taste")
+    history = events[events["ts"] < cutoff]
+    recs = loaded.recommend(history, 20)
+    assert recs and all(set(r.items) <= set(history["item_id"]) for r in recs)

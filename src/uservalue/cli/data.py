@@ -34,15 +34,23 @@ def ingest(
         help="CSV of the lines set aside (guests under data.file.missing_user: drop), with row and reason "
              "[default: rejects.csv beside --out].")] = None,
     summary: Annotated[Path | None, typer.Option(help="Write the ingest summary (events, lines set aside) as JSON here.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Override data.engine: duckdb | spark.")] = None,
 ) -> None:
-    """Read the configured source (params `data`) into one canonical events table."""
-    from uservalue.data.sources import ingest as run_ingest
+    """Read the configured source (params `data`) into one canonical events table (engine: `data.engine`,
+    duckdb or spark on the session of params `spark`)."""
     from uservalue.io import write_json
 
-    cfg = load(params, {"data.source": source, "data.path": path})
+    cfg = load(params, {"data.source": source, "data.path": path, "data.engine": engine})
     with progress_bar() as progress:
-        task = progress.add_task(f"ingest {cfg.data.source}", total=None)
-        result = run_ingest(cfg.data, out, truth_dir, rejects)
+        task = progress.add_task(f"ingest {cfg.data.source} ({cfg.data.engine})", total=None)
+        if cfg.data.engine == "spark":
+            from uservalue.data.spark_ingest import ingest_spark
+
+            result = ingest_spark(cfg.data, out, truth_dir, rejects, cfg.spark)
+        else:
+            from uservalue.data.sources import ingest as run_ingest
+
+            result = run_ingest(cfg.data, out, truth_dir, rejects)
         progress.update(task, completed=result.events, total=result.events)
     if summary is not None:
         write_json(summary, result.summary())
@@ -60,12 +68,13 @@ def validate(
     quarantine: Path = path_option("data/quarantine.parquet", "Rows moved aside in quarantine mode, with the reason."),
     report_dir: Path = path_option("reports/validation", "Validation result (JSON), summary and Data Docs (HTML)."),
     mode: Annotated[str | None, typer.Option(help="Override validate.mode: fail | quarantine | auto.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Override validate.engine: duckdb | spark.")] = None,
 ) -> None:
-    """Run the Great Expectations suite (params `validate`); exit 1 if the gate fails."""
-    from uservalue.data.validation import validate_file
+    """Run the Great Expectations suite (params `validate`; engine: `validate.engine`, duckdb or spark on the
+    session of params `spark`); exit 1 if the gate fails."""
     from uservalue.data.window import resolve_window_for
 
-    cfg = load(params, {"validate.mode": mode})
+    cfg = load(params, {"validate.mode": mode, "validate.engine": engine})
     if not events.is_file():
         raise InputError(events, "file does not exist", expected="the output of `uservalue ingest`")
     # validate.ts_min/ts_max and mode `auto`: the source's window (a file's: its own range plus a margin), mode.
@@ -75,11 +84,19 @@ def validate(
         err.print(f"validate: for {cfg.data.source}: window [{lower.isoformat() if lower else '-'}, "
                   f"{upper.isoformat() if upper else '-'}), mode {checks.mode}", markup=False, soft_wrap=True)
     with progress_bar() as progress:
-        task = progress.add_task("validate", total=None)
-        outcome = validate_file(
-            events, checks, cfg.data.behaviors,
-            out=out, quarantine_out=quarantine, report_dir=report_dir,
-        )
+        task = progress.add_task(f"validate ({checks.engine})", total=None)
+        if checks.engine == "spark":
+            from uservalue.data.spark_validation import validate_file_spark
+
+            outcome = validate_file_spark(events, checks, cfg.data.behaviors, out=out, quarantine_out=quarantine,
+                                          report_dir=report_dir, spark_params=cfg.spark)
+        else:
+            from uservalue.data.validation import validate_file
+
+            outcome = validate_file(
+                events, checks, cfg.data.behaviors,
+                out=out, quarantine_out=quarantine, report_dir=report_dir,
+            )
         progress.update(task, completed=outcome.rows, total=outcome.rows)
     err.print(
         f"validate: {len(outcome.clean):,} rows passed, {len(outcome.quarantined):,} quarantined "

@@ -31,7 +31,15 @@ from uservalue.config import ValidateParams
 from uservalue.duck import connect, sql_string
 from uservalue.errors import InputError, ValidationFailed
 from uservalue.io import atomic_dir, atomic_path, write_json
-from uservalue.schema import EVENTS_SCHEMA, MONEY_BEHAVIORS, PURCHASE, REQUIRED_COLUMNS, RETURN
+from uservalue.schema import (
+    EVENTS_SCHEMA,
+    ITEM_TEXT,
+    MONEY_BEHAVIORS,
+    PURCHASE,
+    REQUIRED_COLUMNS,
+    RETURN,
+    events_schema,
+)
 
 SUITE_NAME = "canonical_events"
 DUPLICATE_KEY = ["user_id", "ts", "behavior", "item_id", "category_id", "quantity", "amount"]
@@ -92,9 +100,11 @@ def _utc_timestamp(value: dt.datetime) -> pd.Timestamp:
 
 
 def build_suite(
-    cfg: ValidateParams, behaviors: tuple[str, ...], now: dt.datetime, *, row_level_only: bool = False
+    cfg: ValidateParams, behaviors: tuple[str, ...], now: dt.datetime, *, row_level_only: bool = False,
+    text: bool = False,
 ):
-    """The expectation suite. `meta.row_level` marks the ones whose failing rows can be quarantined."""
+    """The expectation suite. `meta.row_level` marks the ones whose failing rows can be quarantined.
+    `text`: the table has the optional item_text column (issue 23), checked by uservalue.limits' rule."""
     import great_expectations as gx
     from great_expectations.expectations.row_conditions import Column
 
@@ -123,6 +133,14 @@ def build_suite(
         E.ExpectColumnValuesToMatchRegex(column="user_id", regex=limits.ID_PATTERN,
                                          description="user_id holds no control character (NUL, \\x1f, ...)"),
     ]
+    if text:  # null text is allowed (an item without a title); GE skips nulls in both
+        row_level += [
+            E.ExpectColumnValueLengthsToBeBetween(column=ITEM_TEXT, min_value=limits.ITEM_TEXT_MIN_LENGTH,
+                                                  max_value=limits.ITEM_TEXT_MAX_LENGTH),
+            E.ExpectColumnValuesToMatchRegex(column=ITEM_TEXT, regex=limits.ITEM_TEXT_PATTERN,
+                                             description="item_text holds no control character but tab, "
+                                                         "newline and carriage return"),
+        ]
     lower, upper = cfg.window
     lower = max(lower, limits.TS_MIN) if lower is not None else limits.TS_MIN
     # Never in the future, with the clock skew the service tolerates (uservalue.limits).
@@ -304,7 +322,7 @@ def run_validation(
     clean, quarantined, reasons = frame, _no_quarantine(frame), {}
 
     if cfg.mode == "quarantine":
-        row_suite = build_suite(cfg, behaviors, now, row_level_only=True)
+        row_suite = build_suite(cfg, behaviors, now, row_level_only=True, text=ITEM_TEXT in frame.columns)
         rows = validator.run(frame, row_suite, {"result_format": "COMPLETE"})
         why = _reasons(rows)
         if why:
@@ -323,7 +341,7 @@ def run_validation(
             return ValidationOutcome(False, cfg.mode, len(frame), clean, quarantined, failed,
                                      rows.to_json_dict(), reasons)
 
-    suite = build_suite(cfg, behaviors, now)
+    suite = build_suite(cfg, behaviors, now, text=ITEM_TEXT in frame.columns)
     result = validator.run(clean, suite, summary_format)
     validator.publish(result, suite, now)
     failed = _failures(result, _frame_examples(clean, cfg.example_rows))
@@ -512,8 +530,9 @@ class _RowSink:
 
 def _canonical(table: pa.Table) -> pa.Table | None:
     """The validated output's exact schema; None when a column is missing (the gate fails then anyway)."""
+    schema = events_schema(table.schema)  # with item_text when the events have it (issue 23)
     try:
-        return table.select(EVENTS_SCHEMA.names).cast(EVENTS_SCHEMA)
+        return table.select(schema.names).cast(schema)
     except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
 
@@ -710,7 +729,8 @@ def stream_validation(
     validator = _Validator(docs_dir)
     summary_format = {"result_format": "SUMMARY", "partial_unexpected_count": cfg.example_rows}
     quarantine_format = {"result_format": "SUMMARY", "partial_unexpected_count": 20}  # GE's COMPLETE default
-    row_suite = build_suite(cfg, behaviors, now, row_level_only=True)
+    text = ITEM_TEXT in pq.ParquetFile(events).schema_arrow.names
+    row_suite = build_suite(cfg, behaviors, now, row_level_only=True, text=text)
     quarantine_tally = _Tallies(keep=20, example_rows=cfg.example_rows)
     clean_tally = _Tallies(keep=cfg.example_rows, example_rows=cfg.example_rows)
     state, clean_sink, quarantine_sink, bad_sink = _stream_rows(
@@ -737,7 +757,7 @@ def stream_validation(
 
     # GE orders results by domain, not by suite: a run on the empty table gives its order (and GE's own
     # verdict for table-level expectations whose columns are missing, which DuckDB cannot name as GE does).
-    suite = build_suite(cfg, behaviors, now)
+    suite = build_suite(cfg, behaviors, now, text=text)
     empty = _to_frame(pq.ParquetFile(events).schema_arrow.empty_table(), 0)
     template = validator.run(empty, suite, summary_format)
     labels = [_label(item.expectation_config) for item in template.results]

@@ -12,11 +12,7 @@ PySpark is an optional dependency (`pip install '.[spark]'`): it is imported onl
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from uservalue.config import FeaturizeParams, SparkParams, SplitParams
+from uservalue.data.spark_session import copy_parts, data_spark_session, spark_scratch
 from uservalue.duck import sql_string
-from uservalue.errors import ConfigError
 from uservalue.features.sql import (
     SPARK,
     FeatureSpec,
@@ -43,34 +39,12 @@ if TYPE_CHECKING:
 
 EVENTS_VIEW = "events"
 NEVER_NULL = ("user_id", "cutoff", "label_days")  # the group key (of a NOT NULL column) and constants
-ROW_GROUP_ROWS = 122_880  # DuckDB's Parquet row group size, so both engines' files read alike
-# Defaults params `spark.config` may override: Spark's console progress bars would garble the CLI's.
-DEFAULT_CONF = {"spark.ui.showConsoleProgress": "false"}
-# Conf the parity with DuckDB relies on (params `spark.config` cannot override these):
-PARITY_CONF = {
-    "spark.sql.session.timeZone": "UTC",
-    # Parquet timestamps as DuckDB writes them (Spark's default INT96 is a legacy nanosecond type).
-    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
-}
-
-
-def resolve_master(params: SparkParams) -> str:
-    """spark.master: the SPARK_MASTER environment variable, else params `spark.master`."""
-    return os.environ.get("SPARK_MASTER") or params.master
 
 
 def spark_session(params: SparkParams, app_name: str = "uservalue") -> SparkSession:
-    """The Spark session of params `spark` (an existing one in this process is reused, reconfigured)."""
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError:
-        raise ConfigError("featurize.engine is spark but PySpark is not installed: "
-                          "pip install '.[spark]' (or set featurize.engine: duckdb)") from None
-    builder = SparkSession.builder.appName(app_name).master(resolve_master(params))
-    builder = builder.config("spark.driver.memory", params.driver_memory)
-    for key, value in {**DEFAULT_CONF, **params.config, **PARITY_CONF}.items():
-        builder = builder.config(key, value)
-    return builder.getOrCreate()
+    """The Spark session of params `spark` (an existing one in this process is reused, reconfigured):
+    the data stages' session (uservalue.data.spark_session), one definition for every stage."""
+    return data_spark_session(params, app_name, "featurize.engine")
 
 
 def register_spark_events(spark: SparkSession, events: str | Path) -> str:
@@ -96,17 +70,6 @@ def split_frame(spark: SparkSession, source: str, windows: list[tuple[dt.datetim
                 spec: FeatureSpec) -> DataFrame:
     """One split's rows as the featurize stage writes them (features, labels, label_days; by cutoff, user)."""
     return spark.sql(feature_sets_sql(source, windows, spec, SPARK))
-
-
-@contextmanager
-def _scratch(near: Path) -> Iterator[Path]:
-    """A folder for Spark's part files, beside the output (same disk), removed afterwards."""
-    near.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=".spark-", dir=near))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def duckdb_schema(spec: FeatureSpec, labels: bool = False, label_days: bool = False,
@@ -138,29 +101,12 @@ def duckdb_schema(spec: FeatureSpec, labels: bool = False, label_days: bool = Fa
     return pa.schema([f.with_nullable(False) if f.name in NEVER_NULL else f for f in schema])
 
 
-def _part_files(folder: Path) -> list[Path]:
-    # Spark numbers part files in partition order: after a global ORDER BY, name order is row order.
-    return sorted(folder.glob("part-*.parquet"))
-
-
-def copy_parts(folder: Path, target: Path, schema: pa.Schema) -> int:
-    """Spark's part files, in order, into one ZSTD Parquet file typed as `schema`, a row group at a
-    time (bounded memory); returns the rows written."""
-    rows = 0
-    with pq.ParquetWriter(target, schema, compression="zstd", store_schema=False) as writer:
-        for part in _part_files(folder):
-            for batch in pq.ParquetFile(part).iter_batches(batch_size=ROW_GROUP_ROWS, columns=schema.names):
-                writer.write_table(pa.Table.from_batches([batch]).cast(schema))
-                rows += batch.num_rows
-    return rows
-
-
 def feature_table(frame: DataFrame, spec: FeatureSpec, scratch: Path, *, labels: bool = False) -> pa.Table:
     """spark_features' rows as the Arrow table build_features returns (DuckDB's types), through
     Parquet in `scratch` as in the stage. `labels`: the frame was built with a label_end."""
     target = scratch / "table.parquet"
     frame.write.mode("overwrite").parquet(str(scratch / "parts"))
-    copy_parts(scratch / "parts", target, duckdb_schema(spec, labels=labels))
+    copy_parts(scratch / "parts", target, duckdb_schema(spec, labels=labels), store_schema=False)
     return pq.read_table(target).cast(duckdb_schema(spec, labels=labels, parquet=False))
 
 
@@ -183,13 +129,13 @@ def write_feature_sets_spark(
     try:
         source = register_spark_events(session, events)
         schema = duckdb_schema(spec, labels=True, label_days=True)
-        with atomic_dir(out_dir) as tmp, _scratch(Path(out_dir).resolve().parent) as scratch:
+        with atomic_dir(out_dir) as tmp, spark_scratch(Path(out_dir).resolve().parent) as scratch:
             for name, cutoffs in windows.items():
                 if not cutoffs:
                     continue
                 parts = scratch / name
                 split_frame(session, source, cutoffs, spec).write.mode("overwrite").parquet(str(parts))
-                rows[name] = copy_parts(parts, tmp / f"{name}.parquet", schema)
+                rows[name] = copy_parts(parts, tmp / f"{name}.parquet", schema, store_schema=False)
             write_meta(tmp, feature_meta(spec, split.horizon_days, windows, rows))
     finally:
         if own:

@@ -49,11 +49,15 @@ class FeatureSpec:
     sequence_length: int = 50
     category_buckets: int = 1024
     item_buckets: int = 16384
+    # Per-user text columns joined after the SQL (uservalue.text.features; issue 23): models read them as
+    # aggregates. Empty in the feature sets the featurize stage writes (it joins no text yet).
+    text_columns: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FeatureSpec:
         """The spec as saved in JSON (lists back to tuples)."""
-        return cls(**{**raw, "behaviors": tuple(raw["behaviors"]), "windows_days": tuple(raw["windows_days"])})
+        return cls(**{**raw, "behaviors": tuple(raw["behaviors"]), "windows_days": tuple(raw["windows_days"]),
+                      "text_columns": tuple(raw.get("text_columns", ()))})
 
     @classmethod
     def from_params(cls, params: FeaturizeParams, behaviors: tuple[str, ...]) -> FeatureSpec:
@@ -82,7 +86,7 @@ class FeatureSpec:
         if self.returns:  # return_count, return_count_{w}d and return_recency_days come with the behaviours
             columns += ["return_amount_sum", *(f"return_amount_sum_{w}d" for w in self.windows_days)]
         columns += ["purchase_days", "btyd_frequency", "btyd_recency_days", "btyd_age_days"]
-        return columns
+        return columns + list(self.text_columns)
 
 
 def _epoch(cutoff: dt.datetime) -> float:

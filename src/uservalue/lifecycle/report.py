@@ -79,6 +79,7 @@ def run_report(ctx: StageContext, reports_dir: Path, out: Path) -> Path:
     package = _json(reports / "package.json", required=False)
     validation = _json(reports / "validation" / "summary.json", required=False)
     monitoring = _json(reports / "monitoring" / "latest.json", required=False)
+    recs = _json(reports / "recs_metrics.json", required=False)
     lineage, mlflow_link = champion_lineage(ctx, metrics, registry, package)
     links = {"data_docs": _relative(reports / "validation" / "data_docs" / "index.html", page),
              "drift_report": _relative(reports / "monitoring" / monitoring["report"], page) if monitoring else None,
@@ -86,7 +87,7 @@ def run_report(ctx: StageContext, reports_dir: Path, out: Path) -> Path:
     outcome = RunOutcome(
         metrics=metrics, gains=_csv(reports / "plots" / "gains.csv"), deciles=_csv(reports / "plots" / "deciles.csv"),
         deciles_actual=_csv(reports / "plots" / "deciles_actual.csv"), registry=registry, package=package,
-        validation=validation, monitoring=monitoring, lineage=lineage,
+        validation=validation, monitoring=monitoring, recs=recs, lineage=lineage,
         links={k: v for k, v in links.items() if v},
     )
     write_text(page, render_page(outcome, ctx.params.report.targets, dt.datetime.now(dt.UTC)))

@@ -47,6 +47,7 @@ def train_model(
     params = ctx.params
     meta = read_meta(features_dir)
     max_rows = params.train.max_train_rows(name)
+    nproc = params.train.nproc_per_node(name)
     sample = sample_users(feature_user_ids(features_dir, "train"), max_rows, params.train.seed)
     train = read_features(features_dir, "train", users=sample)
     if train.empty:
@@ -72,6 +73,7 @@ def train_model(
             "split.train_cutoffs": ",".join(c.isoformat() for c in meta.train_cutoffs),
             "train.rows": len(train),
             f"train.{name}.max_train_rows": max_rows,
+            f"train.{name}.distributed.nproc_per_node": nproc,
         })
 
         def log_epoch(metrics: dict[str, float], step: int) -> None:
@@ -85,6 +87,8 @@ def train_model(
             valid_fraction=params.train.valid_fraction,
             checkpoint_dir=ctx.root / CHECKPOINT_ROOT / name,
             log_metrics=log_epoch,
+            # > 1: the model trains under torchrun; rank 0's epochs come back to log_epoch, here
+            extra={"nproc_per_node": nproc} if nproc > 1 else {},
         )
         summary = model.fit(train, fit_ctx)
         numeric = {f"fit_{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)}

@@ -58,10 +58,14 @@ def _clv() -> Any:
 
 def rfm_summary(features: pd.DataFrame, time_unit_days: float) -> pd.DataFrame:
     """The library's per-customer summary (customer_id = row position, so repeated user ids at
-    several cutoffs are fine): frequency, recency, T (in time units) and monetary_value."""
+    several cutoffs are fine): frequency, recency, T (in time units) and monetary_value. On a log with
+    returns (a `return_amount_sum` column) the spend is net of them, like the labels."""
     frequency, recency, age, purchase_days, tenure, spend = np.nan_to_num(
         aggregate_matrix(features, RFM_COLUMNS)
     ).T
+    if "return_amount_sum" in features.columns:
+        returned = np.nan_to_num(aggregate_matrix(features, ["return_amount_sum"])[:, 0])
+        spend = np.maximum(spend - returned, 0.0)
     buyer = purchase_days > 0
     recency = np.where(buyer, recency, 0.0) / time_unit_days
     T = np.maximum(np.where(buyer, age, tenure) / time_unit_days, recency)

@@ -31,7 +31,9 @@ class HistoricalModel(ValueModel):
     behavior_aware = False  # purchases only: every prediction owed to the purchase history
     Params = HistoricalParams
 
-    def _columns(self) -> tuple[str, str]:
+    def _columns(self) -> tuple[str, ...]:
+        """Spend and purchase count in the window, and on a log with returns the money given back in it
+        (labels are net of returns, so the run-rate is too)."""
         window = self.params.window_days
         if window not in self.spec.windows_days:
             from uservalue.errors import ConfigError
@@ -40,14 +42,19 @@ class HistoricalModel(ValueModel):
                 f"train.historical.window_days: {window} is not one of featurize.windows_days "
                 f"{list(self.spec.windows_days)}"
             )
-        return f"monetary_sum_{window}d", f"buy_count_{window}d"
+        returned = (f"return_amount_sum_{window}d",) if self.spec.returns else ()
+        return f"monetary_sum_{window}d", f"buy_count_{window}d", *returned
 
     def fit(self, train: pd.DataFrame, ctx: FitContext) -> dict[str, float]:
         self._columns()
         return {"fitted_parameters": 0.0}
 
-    def _outputs(self, value: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(p_buy, expected value) from the window's spend and purchase count."""
+    def _outputs(self, value: np.ndarray, count: np.ndarray, returned: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(p_buy, expected value) from the window's spend (net of returns, never below 0) and purchase
+        count."""
+        if returned is not None:
+            value = np.maximum(np.nan_to_num(value) - np.nan_to_num(returned), 0.0)
         scale = self.horizon_days / self.params.window_days
         with np.errstate(divide="ignore"):
             log_hazard = np.log(np.nan_to_num(count) / self.params.window_days)

@@ -234,14 +234,20 @@ def coalition_rows(features: FeatureArrays, coalitions: Sequence[tuple[int, ...]
     """The rows once per coalition (behaviour indices kept), stacked coalition after coalition: each
     copy is remove_behaviors(features, <the behaviours not kept>), built in one pass per column (a
     request's few rows pay numpy's per-call cost once, not once per coalition)."""
-    spec = features.spec
-    behaviors = spec.behaviors
     n, c = len(features), len(coalitions)
-    removed = np.ones((c, len(behaviors)), dtype=bool)  # [coalition, behaviour]: removed in that copy
+    removed = np.ones((c, len(features.spec.behaviors)), dtype=bool)  # [coalition, behaviour]: removed in that copy
     for j, kept in enumerate(coalitions):
         removed[j, list(kept)] = False
-    gone = np.repeat(removed, n, axis=0)  # [c * n, behaviour]
-    copies = np.tile(np.arange(n), c)  # row of each stacked row (indexing beats np.tile per column)
+    # row of each stacked row (indexing beats np.tile per column)
+    return _occluded_copies(features, np.tile(np.arange(n), c), np.repeat(removed, n, axis=0))
+
+
+def _occluded_copies(features: FeatureArrays, copies: np.ndarray, gone: np.ndarray) -> FeatureArrays:
+    """Row copies[r] of `features` with the behaviours gone[r] (a [copies, behaviours] mask) removed, as
+    remove_behaviors does, for every r at once."""
+    spec = features.spec
+    behaviors = spec.behaviors
+    m = len(copies)
     tenure = features.aggregates["tenure_days"][copies]
     aggregates: dict[str, np.ndarray] = {}
     owners = _owners(tuple(features.aggregates), behaviors)
@@ -259,37 +265,74 @@ def coalition_rows(features: FeatureArrays, coalitions: Sequence[tuple[int, ...]
             events = events - np.where(gone[:, i], count[copies], 0)
     aggregates["n_events"] = np.maximum(events, 0).astype(features.aggregates["n_events"].dtype)
     # Tokens: each copy keeps those whose behaviour it keeps (ids 1..k; 0, another behaviour, stays).
-    lengths = features.lengths
-    token_behavior = features.sequences["seq_behavior"].astype(np.int64)
+    lengths = features.lengths[copies]
+    copy_of_token = np.repeat(np.arange(m), lengths)
+    first = np.zeros(m, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=first[1:])
+    tokens = np.arange(int(lengths.sum())) + np.repeat(features.offsets[:-1][copies] - first, lengths)
+    token_behavior = features.sequences["seq_behavior"].astype(np.int64)[tokens]
     known = (token_behavior >= 1) & (token_behavior <= len(behaviors))
-    token_removed = np.zeros((c, len(token_behavior)), dtype=bool)
-    token_removed[:, known] = removed[:, token_behavior[known] - 1]
-    keep = ~token_removed.ravel()
-    rows = np.repeat(np.arange(n), lengths)
-    kept_per_row = np.stack([np.bincount(rows[~token_removed[j]], minlength=n) for j in range(c)]).ravel() \
-        if len(rows) else np.zeros(c * n, dtype=np.int64)
-    offsets = np.zeros(c * n + 1, dtype=np.int64)
-    np.cumsum(kept_per_row, out=offsets[1:])
-    tokens = np.tile(np.arange(len(token_behavior)), c)[keep]
+    keep = np.ones(len(tokens), dtype=bool)
+    keep[known] = ~gone[copy_of_token[known], token_behavior[known] - 1]
+    offsets = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(np.bincount(copy_of_token[keep], minlength=m), out=offsets[1:])
+    tokens = tokens[keep]
     sequences = {name: values[tokens] for name, values in features.sequences.items()}
     return FeatureArrays(spec, features.user_id[copies], features.cutoff_us[copies], aggregates, offsets, sequences)
+
+
+def null_players(features: FeatureArrays) -> np.ndarray:
+    """[rows, behaviours]: whether removing the behaviour leaves the row as it is (no event of it, its
+    columns already what remove_behaviors writes): such a player changes no coalition's value."""
+    behaviors = features.spec.behaviors
+    null = event_counts(features) == 0
+    tenure = features.aggregates["tenure_days"]
+    for column, (owner, is_recency) in _owners(tuple(features.aggregates), behaviors).items():
+        if owner is not None:
+            values = features.aggregates[column]
+            null[:, owner] &= (values == tenure) if is_recency else (values == 0)
+    token_behavior = features.sequences["seq_behavior"].astype(np.int64)
+    rows = np.repeat(np.arange(len(features)), features.lengths)
+    known = (token_behavior >= 1) & (token_behavior <= len(behaviors))
+    null[rows[known], token_behavior[known] - 1] = False
+    return null
 
 
 def shapley_values(model: Predictor, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(phi [rows, behaviours], baseline [rows], p_buy [rows], expected_value [rows]): exact Shapley
     values of expected_value over the behaviours as players (2^K coalitions, scored in one
-    predict_outputs call), the no-behaviour baseline v({}) and the full prediction v(all)."""
+    predict_outputs call), the no-behaviour baseline v({}) and the full prediction v(all).
+
+    A coalition that differs from a smaller one only by null players of a row (null_players) is
+    the same feature row: each row is scored once per coalition of its other players (a CDNOW
+    customer, purchases only: 2 rows, not 16), and every coalition takes its row's value."""
     behaviors = features.spec.behaviors
     k, n = len(behaviors), len(features)
     coalitions = _coalitions(k)
-    p_buy, value = model.predict_outputs(coalition_rows(features, coalitions))
-    values = value.reshape(len(coalitions), n)  # [coalition, row]
+    bits = 1 << np.arange(k, dtype=np.int64)
+    mask = np.array([int(bits[list(kept)].sum()) for kept in coalitions], dtype=np.int64)  # [coalition]
+    index_of = np.empty(1 << k, dtype=np.int64)
+    index_of[mask] = np.arange(len(coalitions))
+    players = (~null_players(features)).astype(np.int64) @ bits  # [row]: its non-null behaviours
+    needed = (mask[:, None] & ~players[None, :]) == 0  # [coalition, row]: keeps only non-null players
+    coalition, row = np.nonzero(needed)
+    # Scored in a multiple of 16 rows (the last one repeated), as the 2^4 coalitions of every row always
+    # were: BLAS kernels compute a remainder of rows in another order, which would make a user's numbers
+    # depend (in the last bits) on the other users of the call.
+    pad = np.full(-len(row) % 16, len(row) - 1)
+    scored = np.concatenate([np.arange(len(row)), pad])
+    removed = (mask[coalition[scored], None] & bits[None, :]) == 0  # [scored row, behaviour]
+    p_scored, v_scored = model.predict_outputs(_occluded_copies(features, row[scored], removed))
+    slot = np.zeros((len(coalitions), n), dtype=np.int64)
+    slot[coalition, row] = np.arange(len(row))
+    same = slot[index_of[mask[:, None] & players[None, :]], np.arange(n)[None, :]]  # [coalition, row]
+    values = v_scored[same]  # [coalition, row]
     phi = (_shapley_weights(k) @ values).T  # [row, behaviour]
     # A behaviour the user never did is a null player (removing it leaves the row as it is): exactly
     # 0, whatever the float noise of scoring equal rows at other places in the batch.
     phi[event_counts(features) == 0] = 0.0
     # The first coalition is no behaviour (the baseline), the last every one (the prediction itself).
-    return phi, values[0], p_buy[-n:], values[-1]
+    return phi, values[0], p_scored[same[-1]], values[-1]
 
 
 def shares_from_phi(phi: np.ndarray, behaviors: tuple[str, ...], counts: np.ndarray) -> np.ndarray:
@@ -333,6 +376,27 @@ def per_user_effects(model: Predictor, features: FeatureArrays) -> tuple[np.ndar
     d_p = np.column_stack([p_buy[(j + 1) * n:(j + 2) * n] - p_buy[:n] for j in range(len(behaviors))]) \
         if behaviors else np.zeros((n, 0))
     return d_value, d_p
+
+
+def user_effects(model: Predictor, features: FeatureArrays) -> list[dict[str, dict[str, float] | None]]:
+    """Per row, what `"explain": "effect"` answers: for each non-purchase behaviour, the change in
+    expected_value and p_buy one more event of it at the cutoff makes (per_user_effects), or None
+    for a behaviour the model never saw in training (the `seen` of the tables saved with it, as
+    influence.json's effect; a model without tables: every behaviour of its spec is computed; one
+    that reads only purchases, behavior_aware False: None for all, and no model call)."""
+    behaviors = effect_behaviors(features.spec)
+    tables = getattr(model, "influence_tables", None)
+    seen = {b: True for b in behaviors} if tables is None or not tables.seen else tables.seen
+    columns = [(j, b) for j, b in enumerate(behaviors) if seen.get(b, False)]
+    out: list[dict[str, dict[str, float] | None]] = [{b: None for b in behaviors} for _ in range(len(features))]
+    if not getattr(model, "behavior_aware", True) or not columns:
+        return out
+    d_value, d_p = per_user_effects(model, features)
+    values, probabilities = d_value.tolist(), d_p.tolist()
+    for row, value, p in zip(out, values, probabilities, strict=True):
+        for j, b in columns:
+            row[b] = {"expected_value": value[j], "p_buy": p[j]}
+    return out
 
 
 def _mean_ci(x: np.ndarray) -> dict[str, float]:

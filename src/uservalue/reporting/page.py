@@ -44,6 +44,7 @@ class RunOutcome:
     package: Mapping[str, Any] | None = None
     validation: Mapping[str, Any] | None = None
     monitoring: Mapping[str, Any] | None = None
+    recs: Mapping[str, Any] | None = None  # reports/recs_metrics.json (train_recs)
     lineage: Mapping[str, str] = field(default_factory=dict)  # label -> value (git commit, data hash, ...)
     links: Mapping[str, str] = field(default_factory=dict)  # data_docs, drift_report, mlflow_run: relative/absolute
 
@@ -186,6 +187,33 @@ def drift_section(monitoring: Mapping[str, Any] | None, report: str | None) -> s
             f"</thead><tbody>{rows}</tbody></table>")
 
 
+RECS_METRICS = ("recall_at_20", "ndcg_at_20", "hit_rate_at_10", "coverage")
+
+
+def recs_section(recs: Mapping[str, Any] | None) -> str:
+    """The recommenders of reports/recs_metrics.json against each other (and the planted truth, on synthetic data)."""
+    if recs is None:
+        return "<p class='muted'>No recommendation metrics (the train_recs stage has not run).</p>"
+    if recs.get("skipped"):
+        return f"<p class='muted'>Skipped: {_e(recs['skipped'])}.</p>"
+    champion = recs.get("champion")
+    rows = dict(recs.get("models", {}))
+    if recs.get("planted_truth"):
+        rows["planted truth"] = recs["planted_truth"]
+    head = "".join(f"<th>{_e(k)}</th>" for k in RECS_METRICS)
+    body = "".join(
+        f"<tr><td{' class=champion' if name == champion else ''}>{_e(name)}{' ★' if name == champion else ''}</td>"
+        + "".join(f'<td data-key="recs.{_e(name)}.{k}" data-value="{float(m[k])!r}">{float(m[k]):.4f}</td>'
+                  for k in RECS_METRICS) + "</tr>"
+        for name, m in rows.items())
+    ratios = "".join(f"<li>{_e(k)}: {float(v):.2f}</li>" for k, v in recs.get("ratios", {}).items())
+    return (f"<p>Fitted on events before {_e(recs.get('eval_cutoff'))}, scored on the items of each user's events in "
+            f"the {_e(recs.get('horizon_days'))} days after it ({_e(recs.get('users'))} users); champion by "
+            f"{_e(recs.get('primary_metric'))}: <b data-key=\"recs.champion\" data-value=\"{_e(champion)}\">"
+            f"{_e(champion)}</b>.</p><table><thead><tr><th>model</th>{head}</tr></thead><tbody>{body}</tbody></table>"
+            + (f"<ul>{ratios}</ul>" if ratios else ""))
+
+
 def render_page(outcome: RunOutcome, targets: Mapping[str, MetricTarget], now: dt.datetime) -> str:
     metrics = outcome.metrics
     champion = metrics["champion"]
@@ -215,6 +243,8 @@ def render_page(outcome: RunOutcome, targets: Mapping[str, MetricTarget], now: d
 <div class="plots">{figures}</div>
 <h2>Registry decision</h2>
 {registry_section(outcome.registry)}
+<h2>Recommendations</h2>
+{recs_section(outcome.recs)}
 <h2>Champion lineage</h2>
 {_definition_list(lineage) if lineage else "<p class='muted'>No lineage recorded.</p>"}
 <h2>Validation</h2>

@@ -20,6 +20,12 @@ from uservalue.serving.scorer import ScoredBatch, Scorer, ScoreRequest
 
 logger = logging.getLogger(__name__)
 
+# The prediction log's rows are built for many batches at once (one DataFrame and one finiteness check
+# per LOG_ROWS rows or LOG_SECONDS, whichever comes first): built per batch they cost about 1 ms of the
+# scoring thread per request, on the GIL beside the event loop's HTTP work (issue 15's profile).
+LOG_ROWS = 256
+LOG_SECONDS = 0.25
+
 
 class BatchingPredictor:
     """The service's request path: requests that arrive while a batch is being scored wait, and
@@ -47,6 +53,12 @@ class BatchingPredictor:
         self._expected = 1  # requests the next batch waits for: the previous batch's size
         self.batches = 0
         self.largest_batch = 0
+        # Answered batches whose log rows are still to be built (touched on the event loop's thread only).
+        self._unlogged: list[tuple[ScoredBatch, Sequence[Any]]] = []
+        self._unlogged_rows = 0
+        self._log_timer: asyncio.TimerHandle | None = None
+        self._log_timer_loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     async def predict(self, events: Sequence[Event], as_of: dt.datetime | None,
                       user_ids: Sequence[str] = (), explain: str | None = None) -> dict[str, Any]:
@@ -117,9 +129,30 @@ class BatchingPredictor:
                 else:
                     future.set_result(answer)
             if scored is not None:
-                # After the answers are out: the log's rows (about 0.5-1.5 ms) are built on the scoring
-                # thread before its next batch, off this batch's latency.
-                self._executor.submit(self._log, scored, answers)
+                # After the answers are out, and for many batches at once (LOG_ROWS, LOG_SECONDS): the
+                # log's rows are built on the scoring thread, off the requests' latency.
+                self._defer_log(loop, scored, answers)
+
+    def _defer_log(self, loop: asyncio.AbstractEventLoop, scored: ScoredBatch, answers: Sequence[Any]) -> None:
+        self._unlogged.append((scored, answers))
+        self._unlogged_rows += len(scored)
+        if self._unlogged_rows >= min(LOG_ROWS, self.log.flush_records):
+            self._submit_log()
+        elif self._log_timer is None or self._log_timer_loop is not loop:
+            # (A timer of an event loop since closed never fires: a library caller running asyncio.run
+            # per call; close() logs what is left.)
+            self._log_timer, self._log_timer_loop = loop.call_later(LOG_SECONDS, self._submit_log), loop
+
+    def _submit_log(self) -> None:
+        """The pending batches' log rows to the scoring thread, built after the batch it is on."""
+        if self._log_timer is not None:
+            self._log_timer.cancel()
+            self._log_timer = None
+        pending, self._unlogged, self._unlogged_rows = self._unlogged, [], 0
+        if pending and not self._closed:
+            self._executor.submit(self._log_many, pending)
+        elif pending:
+            self._log_many(pending)
 
     def _score(self, requests: list[ScoreRequest]) -> tuple[list[Any], ScoredBatch | None]:
         """Each request's answer (a body or a RequestError), and the batch whose rows are still to be
@@ -139,19 +172,23 @@ class BatchingPredictor:
 
     def _log(self, batch: ScoredBatch, answers: Sequence[Any]) -> None:
         """The answered predictions into the prediction log (not those of a request that failed)."""
-        if not len(batch):
+        self._log_many([(batch, answers)])
+
+    def _log_many(self, pending: Sequence[tuple[ScoredBatch, Sequence[Any]]]) -> None:
+        """The answered predictions of several batches into the prediction log, as one frame (not those
+        of a request that failed)."""
+        pending = [(batch, answers) for batch, answers in pending if len(batch)]
+        if not pending:
             return
         try:
-            frame = self.scorer.log_frame(batch)
-            failed = [i for i, answer in enumerate(answers) if isinstance(answer, RequestError)]
-            if failed:
-                frame = frame[~frame["request_id"].isin([batch.requests[i].request_id for i in failed])]
+            frame = self.scorer.log_frame(*(batch for batch, _ in pending), skip=[
+                [i for i, answer in enumerate(answers) if isinstance(answer, RequestError)] for _, answers in pending])
             frame = finite_rows(frame)
             if len(frame):
                 self.log.append(frame)
-        except Exception:  # the answers stand; the log loses this batch's rows, said loudly
-            logger.exception("prediction log: %d rows of a batch of %d requests not logged",
-                             len(batch), len(batch.requests))
+        except Exception:  # the answers stand; the log loses these batches' rows, said loudly
+            logger.exception("prediction log: %d rows of %d batches (%d requests) not logged",
+                             sum(len(b) for b, _ in pending), len(pending), sum(len(b.requests) for b, _ in pending))
 
     def _answer_one(self, request: ScoreRequest) -> Any:
         try:
@@ -164,7 +201,9 @@ class BatchingPredictor:
 
     def close(self) -> None:
         """Finish the batch in flight and the log rows still to build, then flush the prediction log."""
+        self._closed = True
         self._executor.shutdown(wait=True)
+        self._submit_log()  # what was still waiting to be built, on this thread
         self.log.close()
 
 

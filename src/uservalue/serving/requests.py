@@ -24,16 +24,18 @@ from pydantic import (
 
 from uservalue import limits
 from uservalue.errors import UservalueError
-from uservalue.schema import DEFAULT_BEHAVIORS, EVENTS_SCHEMA, PURCHASE
+from uservalue.schema import DEFAULT_BEHAVIORS, EVENTS_SCHEMA, MONEY_BEHAVIORS, RETURN
 
 # Batched requests' users are featurized as "<request>\x1f<user id>", so that the same user id in
 # two requests of one batch stays two users (each with its own events); the key is stripped again
 # before the model sees the id. limits.ID_PATTERN keeps the separator out of every id.
 KEY_SEPARATOR = "\x1f"
 
-# The behaviour vocabulary, as an enum in the OpenAPI schema (a model trained on fewer is checked
-# again in validate_events).
-Behavior = Literal[DEFAULT_BEHAVIORS]  # type: ignore[valid-type]
+# The behaviour vocabulary, as an enum in the OpenAPI schema: the default behaviours and `return` (a
+# transaction log's returns, data.behaviors). A model trained on fewer is checked again in validate_events.
+BEHAVIORS: tuple[str, ...] = (*DEFAULT_BEHAVIORS, RETURN)
+Behavior = Literal[BEHAVIORS]  # type: ignore[valid-type]
+_MONEY = " or ".join(repr(b) for b in MONEY_BEHAVIORS)
 
 
 def as_utc(value: dt.datetime) -> dt.datetime:
@@ -101,7 +103,7 @@ class Event(BaseModel):
     category_id: Identifier | None = None
     quantity: float = Field(1.0, ge=0, le=limits.QUANTITY_MAX, allow_inf_nan=False, strict=True)
     amount: float = Field(0.0, ge=0, le=limits.AMOUNT_MAX, allow_inf_nan=False, strict=True,
-                          description=f"money spent: 0 unless behavior is {PURCHASE!r}")
+                          description=f"money spent (or given back): 0 unless behavior is {_MONEY}")
 
     @field_validator("ts")
     @classmethod
@@ -110,10 +112,11 @@ class Event(BaseModel):
 
     @field_validator("amount")
     @classmethod
-    def _amount_only_for_purchases(cls, value: float, info: ValidationInfo) -> float:
+    def _amount_only_for_money(cls, value: float, info: ValidationInfo) -> float:
+        # The validation gate's rule (schema.MONEY_BEHAVIORS): purchases and returns carry an amount.
         behavior = info.data.get("behavior")
-        if value != 0 and behavior is not None and behavior != PURCHASE:
-            raise ValueError(f"{value} for a {behavior!r} event; expected 0 unless behavior is {PURCHASE!r}")
+        if value != 0 and behavior is not None and behavior not in MONEY_BEHAVIORS:
+            raise ValueError(f"{value} for a {behavior!r} event; expected 0 unless behavior is {_MONEY}")
         return value
 
 

@@ -195,19 +195,14 @@ class Scorer:
 
     def _effects(self, features: FeatureArrays, rows: np.ndarray) -> dict[int, dict[str, Any]]:
         """Per row in `rows`: the change in expected_value and p_buy one more event of each behaviour
-        at as_of would make (models.influence.per_user_effects; one model call for all of them).
-        A model that looks only at purchases has none."""
+        at as_of would make, null for a behaviour the model never saw (models.influence.user_effects;
+        one model call for all of them)."""
         from uservalue.models import influence
 
         if not len(rows):
             return {}
-        if not getattr(self.model, "behavior_aware", True):
-            return {int(r): {} for r in rows}
-        behaviors = influence.effect_behaviors(self.model.spec)
-        d_value, d_p = influence.per_user_effects(self.model, features.take(rows))
-        return {int(r): {b: {"expected_value": float(d_value[k, j]), "p_buy": float(d_p[k, j])}
-                         for j, b in enumerate(behaviors)}
-                for k, r in enumerate(rows.tolist())}
+        answers = influence.user_effects(self.model, features.take(rows))
+        return {int(r): answer for r, answer in zip(rows.tolist(), answers, strict=True)}
 
     def _unscored(self, requests: Sequence[ScoreRequest], as_of: list[dt.datetime], events: list[EventColumns],
                   position: np.ndarray, user_id: np.ndarray,
@@ -285,21 +280,34 @@ class Scorer:
             answers.append(answer)
         return answers
 
-    def log_frame(self, batch: ScoredBatch) -> pd.DataFrame:
-        """The prediction log's rows for a batch: each answered user with its request's time and id."""
-        requests, index = batch.requests, batch.request
-        n = len(batch.rows)
-        columns = {
+    def log_frame(self, *batches: ScoredBatch, skip: Sequence[Sequence[int]] | None = None) -> pd.DataFrame:
+        """The prediction log's rows for one or more batches, in one frame: each answered user with its
+        request's time and id; `skip`, per batch: positions of requests whose rows are left out."""
+        parts: list[dict[str, np.ndarray]] = []
+        for k, batch in enumerate(batches):
+            requests, index = batch.requests, batch.request
             # Per request once, then spread to its rows: one conversion whatever the number of users.
-            "request_time": _utc_times([r.received for r in requests])[index],
-            "request_id": np.array([r.request_id for r in requests], dtype=object)[index],
-            "as_of": _utc_times(batch.as_of)[index],
+            columns = {
+                "request_time": _utc_nanos([r.received for r in requests])[index],
+                "request_id": np.array([r.request_id for r in requests], dtype=object)[index],
+                "as_of": _utc_nanos(batch.as_of)[index],
+                **batch.rows.columns(),
+            }
+            if skip is not None and len(skip[k]):
+                keep = ~np.isin(index, np.asarray(skip[k], dtype=np.int64))
+                columns = {name: values[keep] for name, values in columns.items()}
+            parts.append(columns)
+        columns = parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        n = len(columns["request_id"])
+        return pd.DataFrame({
+            "request_time": _nanos_index(columns.pop("request_time")),
+            "request_id": columns.pop("request_id"),
+            "as_of": _nanos_index(columns.pop("as_of")),
             "model_name": np.full(n, self.info.name, dtype=object),
             "model_version": np.full(n, self.info.version, dtype=object),
-            **batch.rows.columns(),
+            **columns,
             "horizon_days": np.full(n, int(self.model.horizon_days), dtype=np.int64),
-        }
-        return pd.DataFrame(columns, copy=False)
+        }, copy=False)
 
 
 EXPLAIN = (None, "effect")  # what a /predict request may ask explained beyond the shares
@@ -307,9 +315,13 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND = dt.timedelta(microseconds=1)
 
 
-def _utc_times(times: Sequence[dt.datetime]) -> pd.DatetimeIndex:
-    """pd.to_datetime(times, utc=True) (datetime64[ns, UTC]) at a third of its fixed cost."""
-    nanos = np.array([(as_utc(t) - _EPOCH) // _MICROSECOND for t in times], dtype=np.int64) * 1000
+def _utc_nanos(times: Sequence[dt.datetime]) -> np.ndarray:
+    """Nanoseconds since the epoch (int64) of each time, read as UTC."""
+    return np.array([(as_utc(t) - _EPOCH) // _MICROSECOND for t in times], dtype=np.int64) * 1000
+
+
+def _nanos_index(nanos: np.ndarray) -> pd.DatetimeIndex:
+    """pd.to_datetime(times, utc=True) (datetime64[ns, UTC]) of _utc_nanos' numbers, at a third of its fixed cost."""
     return pd.DatetimeIndex(nanos.view("datetime64[ns]")).tz_localize("UTC")
 
 

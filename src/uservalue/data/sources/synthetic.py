@@ -19,13 +19,24 @@ import pyarrow.parquet as pq
 from uservalue.config import SyntheticSource
 from uservalue.data.sources.writer import write_events_in_order
 from uservalue.io import atomic_dir, write_json
-from uservalue.schema import EVENTS_SCHEMA, PURCHASE
+from uservalue.schema import EVENTS_SCHEMA, EVENTS_TEXT_SCHEMA, PURCHASE
 
 USERS_PER_BLOCK = 1000
 AFFINITY_STREAM = 0xAFF
 MIX_CONCENTRATION = 8.0  # how far a user's behaviour mix strays from the global one
 PREFERRED_CATEGORY_SHARES = np.array([0.6, 0.3, 0.1])
 PRICE_NOISE_SIGMA = 0.2
+TITLE_STREAM = 0x717  # the titles' own random stream (issue 23): titles off, nothing else changes
+# Title vocabulary: the first words carry the planted value (data.synthetic.titles.value_words of them).
+TITLE_WORDS: tuple[str, ...] = (
+    "premium", "luxury", "deluxe", "designer", "handcrafted", "gold", "silk", "professional", "limited", "signature",
+    "basic", "plastic", "cotton", "mug", "scarf", "lamp", "chair", "table", "cable", "charger", "notebook", "pencil",
+    "bottle", "towel", "pillow", "blanket", "socks", "shirt", "jacket", "shoes", "bag", "wallet", "watch", "phone",
+    "case", "cover", "stand", "holder", "box", "basket", "bowl", "plate", "cup", "spoon", "knife", "pan", "pot",
+    "kettle", "clock", "mirror", "rug", "curtain", "candle", "frame", "poster", "sticker", "toy", "puzzle", "ball",
+    "brush", "comb", "soap", "shampoo", "cream", "red", "blue", "green", "black", "white", "small", "large",
+    "round", "square", "soft", "light", "compact", "classic", "simple", "everyday", "travel", "kitchen", "garden",
+)
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class _Plan:
         self.category_names = pc.cast(pa.array(np.arange(cfg.categories)), pa.string())
         # Favourite item ranks of each taste in each category (its own stream: affinity 0 changes nothing).
         self.favorites = _favorites(cfg)
+        self.titles = _Titles(cfg) if cfg.titles is not None else None
 
     def cumulative(self, day: np.ndarray) -> np.ndarray:
         return np.interp(day, self.day_grid, self.season_cum)
@@ -130,9 +142,14 @@ def _block(plan: _Plan, block: int) -> tuple[pa.Table, pd.DataFrame]:
         pick = own.integers(0, plan.favorites.shape[2], owner.size)
         item_rank = np.where(liked, plan.favorites[taste[owner], category, pick], item_rank)
     item = category.astype(np.int64) * cfg.items_per_category + item_rank
+    lean = np.zeros(n_users)
+    convert_scale = price_scale = 1.0
+    if plan.titles is not None:  # its own stream: the draws of everything else stay as they were
+        lean, item = plan.titles.lean_towards_value(cfg, block, owner, category, item, spend)
+        convert_scale, price_scale = plan.titles.buy_scale[item], plan.titles.price_scale
 
     # --- purchases caused by them (the planted influence) ----------------------------
-    converts = rng.random(owner.size) < plan.influence[kind]
+    converts = rng.random(owner.size) < plan.influence[kind] * convert_scale
     buy_day = day[converts] + rng.exponential(cfg.purchase_delay_days, int(converts.sum()))
     keep = buy_day < end[owner[converts]]
     buy_owner = owner[converts][keep]
@@ -140,7 +157,10 @@ def _block(plan: _Plan, block: int) -> tuple[pa.Table, pd.DataFrame]:
     buy_category = category[converts][keep]
     buy_item = item[converts][keep]
     price_noise = rng.lognormal(0.0, PRICE_NOISE_SIGMA, buy_owner.size)
-    buy_amount = np.round(plan.category_price[buy_category] * spend[buy_owner] * price_noise, 2)
+    buy_amount = plan.category_price[buy_category] * spend[buy_owner] * price_noise
+    if plan.titles is not None:
+        buy_amount = buy_amount * price_scale[buy_item]
+    buy_amount = np.round(buy_amount, 2)
 
     # --- one sorted table ------------------------------------------------------------
     behavior_names = pa.array([*plan.kinds, PURCHASE], pa.string())
@@ -153,18 +173,18 @@ def _block(plan: _Plan, block: int) -> tuple[pa.Table, pd.DataFrame]:
     order = np.lexsort((all_day, all_owner))
     # Whole seconds, like the Taobao log.
     ts = plan.start_us + (all_day[order] * 86_400).astype(np.int64) * 1_000_000
-    table = pa.Table.from_arrays(
-        [
-            plan.user_ids(first, n_users).take(pa.array(all_owner[order])),
-            pa.array(ts, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-            behavior_names.take(pa.array(all_kind[order])),
-            pc.cast(pa.array(all_item[order]), pa.string()),
-            plan.category_names.take(pa.array(all_category[order])),
-            pa.array(np.ones(order.size)),
-            pa.array(all_amount[order]),
-        ],
-        schema=EVENTS_SCHEMA,
-    )
+    columns = [
+        plan.user_ids(first, n_users).take(pa.array(all_owner[order])),
+        pa.array(ts, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        behavior_names.take(pa.array(all_kind[order])),
+        pc.cast(pa.array(all_item[order]), pa.string()),
+        plan.category_names.take(pa.array(all_category[order])),
+        pa.array(np.ones(order.size)),
+        pa.array(all_amount[order]),
+    ]
+    if plan.titles is not None:
+        columns.append(plan.titles.texts.take(pa.array(all_item[order])))
+    table = pa.Table.from_arrays(columns, schema=EVENTS_SCHEMA if plan.titles is None else EVENTS_TEXT_SCHEMA)
 
     mean_order_value = (
         spend
@@ -182,9 +202,53 @@ def _block(plan: _Plan, block: int) -> tuple[pa.Table, pd.DataFrame]:
             **{f"mix_{k}": mix[:, i] for i, k in enumerate(plan.kinds)},
             **({"taste": taste, **{f"category_{slot}": preferred[:, slot] for slot in range(3)}}
                if cfg.affinity > 0 else {}),
+            **({"title_lean": lean} if plan.titles is not None else {}),
         }
     )
     return table, truth
+
+
+class _Titles:
+    """Item titles with planted value (data.synthetic.titles): each item's title is words_per_title distinct
+    words of the vocabulary's first `words`; `value[i]` counts its value words (the vocabulary's first
+    value_words), which scale its price by exp(price_effect * value) and its purchase propensity by
+    exp(buy_effect * value). A user moves a share `lean` of their events to value items of the same category,
+    drawn uniformly (so each is rare); `lean` grows with the user's latent spend level (up to titles.lean), so
+    the text of what a user looked at tells their value even before they buy."""
+
+    def __init__(self, cfg: SyntheticSource) -> None:
+        titles = cfg.titles
+        assert titles is not None
+        if titles.words > len(TITLE_WORDS) or titles.words_per_title > titles.words:
+            raise ValueError(f"data.synthetic.titles: at most {len(TITLE_WORDS)} words, and at least "
+                             f"words_per_title ({titles.words_per_title})")
+        n_items = cfg.categories * cfg.items_per_category
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, TITLE_STREAM]))
+        words = np.argsort(rng.random((n_items, titles.words)), axis=1)[:, :titles.words_per_title]
+        vocabulary = np.array(TITLE_WORDS[:titles.words], dtype=object)
+        self.value = (words < titles.value_words).sum(axis=1)
+        self.texts = pa.array([" ".join(row) for row in vocabulary[words]], pa.string())
+        self.price_scale = np.exp(titles.price_effect * self.value)
+        self.buy_scale = np.exp(titles.buy_effect * self.value)
+        # Per category: its value items (ids), for the users' lean.
+        ranks = self.value.reshape(cfg.categories, cfg.items_per_category) > 0
+        self.value_counts = ranks.sum(axis=1)
+        # value_ranks[c, j]: the rank of category c's j-th value item (j < value_counts[c]; padded after).
+        self.value_ranks = np.argsort(~ranks, axis=1, kind="stable")
+        self.value_words = [str(w) for w in vocabulary[:titles.value_words]]
+
+    def lean_towards_value(self, cfg: SyntheticSource, block: int, owner: np.ndarray, category: np.ndarray,
+                           item: np.ndarray, spend: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(each user's lean, the events' items with the leaning ones moved to a value item of their category)."""
+        assert cfg.titles is not None
+        own = np.random.default_rng(np.random.SeedSequence([cfg.seed, block, TITLE_STREAM]))
+        # log(spend) ~ N(log(1 + drift), 0.6): +-1 sigma spans most of [0, titles.lean]; a little noise of its own.
+        level = 0.5 + (np.log(spend) - math.log1p(cfg.drift)) / 1.2 + own.normal(0, 0.1, spend.size)
+        lean = cfg.titles.lean * np.clip(level, 0.0, 1.0)
+        moved = (own.random(owner.size) < lean[owner]) & (self.value_counts[category] > 0)
+        slot = (own.random(owner.size) * self.value_counts[category]).astype(np.int64)
+        chosen = category.astype(np.int64) * cfg.items_per_category + self.value_ranks[category, slot]
+        return lean, np.where(moved, chosen, item)
 
 
 def _favorites(cfg: SyntheticSource) -> np.ndarray:
@@ -251,6 +315,11 @@ def generate(
                              "favorites_per_category": int(plan.favorites.shape[2]),
                              "items_per_category": cfg.items_per_category,
                              "category_shares": PREFERRED_CATEGORY_SHARES.tolist()},
+                # Item titles (issue 23): null when off. users.parquet's buys_per_day and mean_order_value leave
+                # out their effects (a user's title_lean is there).
+                "titles": None if plan.titles is None else {
+                    **cfg.titles.model_dump(mode="json"), "value_word_list": plan.titles.value_words,
+                    "value_items": int((plan.titles.value > 0).sum())},
                 "seasonality": plan.season.round(6).tolist(),
                 "start": cfg.start.isoformat(),
                 "events": events,

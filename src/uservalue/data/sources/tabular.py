@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from uservalue.errors import InputError
 from uservalue.io import atomic_path
-from uservalue.schema import EVENTS_SCHEMA, PURCHASE, RETURN
+from uservalue.schema import EVENTS_SCHEMA, EVENTS_TEXT_SCHEMA, ITEM_TEXT, PURCHASE, RETURN
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _INTEGER = r"^\s*[-+]?\d+\s*$"
@@ -253,6 +253,40 @@ class RawBatch:
         behavior = pc.if_else(is_return, RETURN, behavior)
         return behavior, pc.if_else(is_return, pc.abs(quantity), quantity), pc.if_else(is_return, pc.abs(amount), amount)
 
+    def item_text(self) -> pa.ChunkedArray | None:
+        """The mapped item text (issue 23), trimmed, blank as null; None when no column is mapped.
+        Bytes that are not UTF-8 (a Parquet file's binary column, or an unchecked string one) are an error
+        naming the row; length and characters are the gate's (uservalue.data.validation, limits)."""
+        name = self.spec.source(ITEM_TEXT)
+        if name is None:
+            return None
+        column = self.table.column(name)
+        try:
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                column.validate(full=True)  # Parquet readers do not check UTF-8
+            column = pc.cast(column, pa.string())  # from binary: checks UTF-8
+        except pa.ArrowInvalid:
+            raise self._undecodable_text(column, name) from None
+        trimmed = pc.utf8_trim_whitespace(column)
+        return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed)
+
+    def _undecodable_text(self, column: pa.ChunkedArray, name: str) -> InputError:
+        """The first row whose bytes are not UTF-8 (error path only: a scan in Python)."""
+        offset = 0
+        for chunk in column.chunks:
+            large = pa.types.is_large_string(chunk.type) or pa.types.is_large_binary(chunk.type)
+            data = pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), len(chunk), chunk.buffers(),
+                                         offset=chunk.offset)
+            for index, value in enumerate(data.to_pylist()):
+                try:
+                    (value or b"").decode("utf-8")
+                except UnicodeDecodeError as error:
+                    return InputError(self.path, f"item text is not valid UTF-8 (byte 0x{value[error.start]:02x} "
+                                      f"at byte {error.start + 1})", row=self.row_number(offset + index),
+                                      column=name, expected="UTF-8 text", found=value[:60])
+            offset += len(chunk)
+        return InputError(self.path, "item text is not valid UTF-8", column=name, expected="UTF-8 text")
+
     def canonical(self) -> pa.Table:
         behavior = self.behaviors()
         signed = self.spec.returns
@@ -283,6 +317,10 @@ class RawBatch:
             "quantity": quantity,
             "amount": amount,
         }
+        text = self.item_text()
+        if text is not None:
+            columns[ITEM_TEXT] = text
+            return pa.Table.from_pydict(columns, schema=EVENTS_TEXT_SCHEMA)
         return pa.Table.from_pydict(columns, schema=EVENTS_SCHEMA)
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from uservalue.duck import connect, sql_string
 from uservalue.errors import InputError
 from uservalue.io import atomic_path
-from uservalue.schema import EVENTS_SCHEMA
+from uservalue.schema import EVENTS_SCHEMA, EVENTS_TEXT_SCHEMA, ITEM_TEXT, events_schema
 
 ROW_GROUP_ROWS = 1_000_000
 
@@ -34,15 +34,28 @@ def write_sorted_events(
     # Scratch space next to the output (same disk); removed whatever happens.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch:
         unsorted = Path(scratch) / "unsorted.parquet"
-        with pq.ParquetWriter(unsorted, EVENTS_SCHEMA, compression="zstd") as writer:
+        writer: pq.ParquetWriter | None = None
+        try:
             for table in tables:
-                writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+                if writer is None:  # item text (issue 23) when the source's first batch has it
+                    writer = pq.ParquetWriter(unsorted, events_schema(table.schema), compression="zstd")
+                writer.write_table(_conform(table, writer.schema), row_group_size=ROW_GROUP_ROWS)
                 rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
         if rows == 0:
             raise InputError(source, "contains no events", expected="at least one event row")
         with atomic_path(out) as sorted_tmp:
             sort_events_file(unsorted, sorted_tmp, memory_limit=memory_limit)
     return rows
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A batch in the file's schema: an event log's batches (no text) get a null item_text."""
+    if schema.equals(EVENTS_TEXT_SCHEMA) and ITEM_TEXT not in table.column_names:
+        table = table.append_column(ITEM_TEXT, pa.nulls(table.num_rows, pa.string()))
+    return table if table.schema.equals(schema) else table.select(schema.names).cast(schema)
 
 
 def sort_events_file(src: Path, dst: Path, *, memory_limit: str | None = None) -> None:
@@ -64,8 +77,17 @@ def sort_events_file(src: Path, dst: Path, *, memory_limit: str | None = None) -
 def write_events_in_order(tables: Iterable[pa.Table], out: str | Path) -> int:
     """For producers that already emit batches sorted by user and time (the generator)."""
     rows = 0
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
-        for table in tables:
-            writer.write_table(table.cast(EVENTS_SCHEMA), row_group_size=ROW_GROUP_ROWS)
-            rows += table.num_rows
+    with atomic_path(out) as tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for table in tables:
+                if writer is None:  # the generator's titles (data.synthetic.titles) when it writes them
+                    writer = pq.ParquetWriter(tmp, events_schema(table.schema), compression="zstd")
+                writer.write_table(_conform(table, writer.schema), row_group_size=ROW_GROUP_ROWS)
+                rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            pq.write_table(EVENTS_SCHEMA.empty_table(), tmp, compression="zstd")
     return rows

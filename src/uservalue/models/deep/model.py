@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -113,13 +113,15 @@ class TorchValueModel(ValueModel):
             table = getattr(net, name, None)
             if isinstance(table, HashedEmbedding):
                 table.set_vocabulary(rows_per_id(getattr(data, name), data.lengths, buckets), params.min_id_rows)
+        # train.<model>.distributed (the train stage puts it in ctx.extra): processes under torchrun
+        nproc = int(ctx.extra.get("nproc_per_node", 1))
         run_fingerprint = fingerprint({
             "model": self.name, "params": params.model_dump(mode="json"), "spec": self.spec.__dict__,
             "horizon_days": self.horizon_days, "seed": ctx.seed, "valid_fraction": ctx.valid_fraction,
-            "data": data_fingerprint(data, valid),
+            "data": data_fingerprint(data, valid), **({"processes": nproc} if nproc > 1 else {}),
         })
         summary = train_network(net, data, valid, params=params, ctx=ctx, horizon_days=self.horizon_days,
-                                device=device, run_fingerprint=run_fingerprint)
+                                device=device, run_fingerprint=run_fingerprint, nproc_per_node=nproc)
         self.network, self.device = net, device
         self.fit_summary = summary
         return summary
@@ -145,7 +147,8 @@ class TorchValueModel(ValueModel):
             return eager
         cached = self._traced
         if cached is None or cached[0] is not self.network:  # two threads may both trace: either result is right
-            cached = self._traced = (self.network, *_traced_or_eager(self.network, eager, as_batch(example, self.device)))
+            checks = [as_batch(part, self.device) for part in _shape_variants(example)]
+            cached = self._traced = (self.network, *_traced_or_eager(self.network, eager, *checks))
         return cached[1]
 
     @property
@@ -173,18 +176,19 @@ class TorchValueModel(ValueModel):
             return np.zeros(0), np.zeros(0)
         batch = batch_arrays(features, self.feature_columns, self.spec.sequence_length,
                              user_buckets=self.user_buckets)
-        chunk = self.params.predict_batch_size  # type: ignore[attr-defined]
         forward = self._serving_forward(batch)
-        log_p, log_ev = [], []
+        log_p = torch.empty(n, dtype=torch.float32)
+        log_ev = torch.empty(n, dtype=torch.float32)
         with torch.inference_mode():
-            for start in range(0, n, chunk):
-                part = batch if chunk >= n else {k: v[start:start + chunk] for k, v in batch.items()}
+            for rows, part in _length_chunks(batch, self.params.predict_batch_size,  # type: ignore[attr-defined]
+                                             self.spec.sequence_length):
                 raw = forward(as_batch(part, self.device))
                 lp = ziln.log_p_buy(raw, self.horizon_days)
-                log_p.append(lp.cpu())
-                log_ev.append(ziln.log_expected_value(raw, self.horizon_days, log_p=lp).cpu())
-        p_buy = torch.exp(torch.cat(log_p)).double().numpy()
-        value = torch.exp(torch.cat(log_ev)).double().numpy()
+                index = slice(None) if rows is None else torch.from_numpy(rows)
+                log_p[index] = lp.cpu()
+                log_ev[index] = ziln.log_expected_value(raw, self.horizon_days, log_p=lp).cpu()
+        p_buy = torch.exp(log_p).double().numpy()
+        value = torch.exp(log_ev).double().numpy()
         return np.clip(p_buy, 0.0, 1.0), np.maximum(value, 0.0)
 
     # -- persistence ----------------------------------------------------------------------------
@@ -214,11 +218,63 @@ class TorchValueModel(ValueModel):
             self.fit_summary = json.loads(summary_path.read_text()).get("fit_summary") or {}
 
 
+# Sequence inputs of a model batch (data.batch_arrays): [rows, width(, ...)], padded after each row's tokens.
+SEQUENCE_INPUTS = ("behavior", "category", "item", "continuous")
+# Rows per forward pass when a call scores more rows than this: grouped by sequence length, each row
+# padded to a width of its own (its length rounded up to a power of two, at most the sequence length),
+# not the call's longest row: on logs of mostly short histories several times less attention and
+# feed-forward work (1,000 CDNOW users by id: issue 15). A row's numbers then do not depend on the
+# other rows of the call either (float32 sums over a padded width round with the width).
+LENGTH_CHUNK_ROWS = 1024
+
+
+def _length_chunks(batch: dict[str, np.ndarray], max_rows: int, sequence_length: int,
+                   ) -> Iterator[tuple[np.ndarray | None, dict[str, np.ndarray]]]:
+    """(rows, their batch) covering `batch`: the whole of it (rows None) when it has at most
+    LENGTH_CHUNK_ROWS rows, else groups of at most that many rows of one padded width each."""
+    lengths = batch["lengths"]
+    n = len(lengths)
+    size = min(LENGTH_CHUNK_ROWS, max_rows)
+    if n <= size:
+        yield None, batch
+        return
+    own = np.minimum(1 << np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64), max(sequence_length, 1))
+    order = np.lexsort((np.arange(n), own))
+    bounds = np.flatnonzero(np.diff(own[order])) + 1
+    for group in np.split(order, bounds):
+        width = int(own[group[0]])
+        for start in range(0, len(group), size):
+            rows = group[start:start + size]
+            yield rows, {k: (_padded(v[rows], width) if k in SEQUENCE_INPUTS else v[rows]) for k, v in batch.items()}
+
+
+def _padded(values: np.ndarray, width: int) -> np.ndarray:
+    """values [rows, w, ...] cut or zero-padded to [rows, width, ...]."""
+    if values.shape[1] >= width:
+        return np.ascontiguousarray(values[:, :width])
+    out = np.zeros((values.shape[0], width, *values.shape[2:]), dtype=values.dtype)
+    out[:, :values.shape[1]] = values
+    return out
+
+
+def _shape_variants(example: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """`example`, and the same rows twice with one more padding column: a trace must give eager's
+    outputs on other row counts and widths too, not only on the shapes it was traced on."""
+    wider = {}
+    for k, v in example.items():
+        v = np.concatenate([v, v])
+        if k in SEQUENCE_INPUTS:
+            v = np.concatenate([v, np.zeros_like(v[:, :1])], axis=1)
+        wider[k] = np.ascontiguousarray(v)
+    return [example, wider]
+
+
 def _traced_or_eager(network: nn.Module, eager: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                     example: dict[str, torch.Tensor],
+                     example: dict[str, torch.Tensor], *checks: dict[str, torch.Tensor],
                      ) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], bool]:
     """(the network traced on `example`, float32 outputs as _forward's; True), or (`eager`, False)
-    when tracing fails or the trace does not reproduce the eager outputs bit for bit.
+    when tracing fails or the trace does not reproduce the eager outputs bit for bit on `example`
+    and on each of `checks` (batches of other shapes).
 
     torch.jit.trace is deprecated in favour of torch.export and torch.compile, but neither serves
     a few rows faster here: the exported program's module took 0.50 ms per call against eager's
@@ -231,7 +287,7 @@ def _traced_or_eager(network: nn.Module, eager: Callable[[dict[str, torch.Tensor
             warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(network, (example,), strict=False, check_trace=False)
         with torch.inference_mode():
-            same = torch.equal(traced(example).float(), eager(example))
+            same = all(torch.equal(traced(batch).float(), eager(batch)) for batch in (example, *checks))
     except Exception:  # noqa: BLE001 - any failure to trace only costs the speed-up
         return eager, False
     return ((lambda batch: traced(batch).float()), True) if same else (eager, False)

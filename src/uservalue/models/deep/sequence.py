@@ -94,6 +94,9 @@ class SequenceNetwork(nn.Module):
 class SequenceModel(TorchValueModel):
     name: ClassVar[str] = "sequence"
     Params = SequenceParams
+    # Served traced (model.py: checked against eager on two shapes first): one user's forward pass with
+    # its Shapley coalitions 0.25 ms traced against 0.6 ms eager (issue 15).
+    traced_inference: ClassVar[bool] = True
 
     def build_network(self, agg_stats: AggregateStats, token_stats: TokenStats,
                       bias: tuple[float, ...]) -> nn.Module:

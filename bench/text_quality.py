@@ -1,0 +1,110 @@
+"""Item text in the value models (issue 23): each model's Gini with and without the users' pooled text vectors.
+
+On a synthetic log with titles (data.synthetic.titles: value words raise price and purchase propensity, users
+lean persistently towards such items, most items are rare) this embeds every distinct title with the shipped
+all-MiniLM-L6-v2 (uservalue.text.embed: offline, cached by text hash under bench/out/text_quality/cache),
+builds the features at the training and evaluation cutoffs, joins the per-user text features with
+`uservalue.text.features.add_text_features` (the same function for training rows and scored rows), and trains
+each model twice: on the aggregates alone and with the text columns. Figures (Gini, AUC, decile MAPE, fit
+seconds, the embedding's texts/s) are printed and written to bench/out/text_quality.json; nothing is asserted.
+
+    .venv/bin/python bench/text_quality.py [--users 3000] [--seed 0] [--models gbdt linear mlp sequence]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+SPLIT = {"eval_cutoff": "1998-01-01", "horizon_days": 120, "train_cutoffs": ["1997-09-03", "1997-11-02"]}
+BEHAVIORS = ("view", "fav", "cart", "buy")
+MODEL_PARAMS = {"mlp": {"max_epochs": 8}, "sequence": {"max_epochs": 4}, "gbdt": {"num_threads": 2}}
+TITLES = {"words": 60, "words_per_title": 3}  # + value_words, price_effect, buy_effect, lean from the options
+
+
+def run(workdir: Path, users: int, seed: int, models: list[str], text_cfg: dict, titles: dict) -> dict:
+    import numpy as np
+
+    from uservalue.config import EmbedItemsParams, FeaturizeParams, SplitParams, SyntheticSource
+    from uservalue.data.sources.synthetic import generate
+    from uservalue.features.store import read_features, read_meta, write_feature_sets
+    from uservalue.lifecycle import metrics
+    from uservalue.models.base import FitContext
+    from uservalue.models.catalog import create_model
+    from uservalue.text.embed import embed_items
+    from uservalue.text.features import add_text_features, text_feature_columns
+
+    tag = f"u{users}_s{seed}_v{titles['value_words']}_p{titles['price_effect']:g}_b{titles['buy_effect']:g}_l{titles['lean']:g}"
+    events, truth, features = workdir / f"events_{tag}.parquet", workdir / f"truth_{tag}", workdir / f"features_{tag}"
+    vectors = workdir / f"item_vectors_{tag}.parquet"
+    source = SyntheticSource(users=users, seed=seed, categories=60, items_per_category=100, titles=titles)
+    if not events.exists():
+        generate(source, events, truth)
+    embed = embed_items(events, vectors, EmbedItemsParams(cache_dir=str(workdir / "cache"), pca_dim=32,
+                                                          seed=seed), log=print)
+    if not (features / "meta.json").exists():
+        write_feature_sets(events, SplitParams(**SPLIT), FeaturizeParams(sequence_length=50), BEHAVIORS, features)
+    meta = read_meta(features)
+    train, holdout = read_features(features, "train"), read_features(features, "eval")
+    behaviors, last, dim = text_cfg["behaviors"], text_cfg["last"], text_cfg["dim"]
+    started = time.perf_counter()
+    train_text = add_text_features(train, events, vectors, behaviors, last, dim)
+    holdout_text = add_text_features(holdout, events, vectors, behaviors, last, dim)
+    join_seconds = round(time.perf_counter() - started, 2)
+    text_spec = dataclasses.replace(meta.spec, text_columns=tuple(text_feature_columns(behaviors, dim)))
+    actual = holdout["value"].to_numpy(dtype=np.float64)
+    bought = holdout["bought"].to_numpy(dtype=bool)
+    rows: dict[str, dict] = {}
+    for name in models:
+        for variant, spec, fit_rows, scored in (("plain", meta.spec, train, holdout),
+                                                ("text", text_spec, train_text, holdout_text)):
+            begun = time.perf_counter()
+            model = create_model(name, MODEL_PARAMS.get(name, {}), spec, meta.horizon_days)
+            model.fit(fit_rows, FitContext(seed=seed, device="auto"))
+            predicted = model.predict(scored)
+            row = metrics.value_metrics(actual, predicted["expected_value"].to_numpy(), bought,
+                                        predicted["p_buy"].to_numpy())
+            rows.setdefault(name, {})[variant] = {**row, "fit_seconds": round(time.perf_counter() - begun, 1)}
+            print(f"{name} ({variant}): gini {row['gini']:.4f}", flush=True)
+    return {"users": len(holdout), "items_with_text": embed.items, "distinct_texts": embed.texts,
+            "embed": embed.as_dict(), "join_seconds": join_seconds, "metrics": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=["gbdt", "linear", "mlp", "sequence"])
+    parser.add_argument("--last", type=int, default=20, help="embed_items.feature_last")
+    parser.add_argument("--dim", type=int, default=16, help="embed_items.feature_dim")
+    parser.add_argument("--price-effect", type=float, default=0.7, help="data.synthetic.titles.price_effect")
+    parser.add_argument("--buy-effect", type=float, default=1.0, help="data.synthetic.titles.buy_effect")
+    parser.add_argument("--lean", type=float, default=0.9, help="data.synthetic.titles.lean")
+    parser.add_argument("--value-words", type=int, default=10,
+                        help="data.synthetic.titles.value_words (10: every premium-sounding word of the vocabulary)")
+    args = parser.parse_args()
+    workdir = OUT / "text_quality"
+    workdir.mkdir(parents=True, exist_ok=True)
+    text_cfg = {"behaviors": ["view", "cart", "buy"], "last": args.last, "dim": args.dim}
+    titles = {**TITLES, "value_words": args.value_words, "price_effect": args.price_effect, "buy_effect": args.buy_effect, "lean": args.lean}
+    result = run(workdir, args.users, args.seed, args.models, text_cfg, titles)
+    print(f"\n{result['users']} users at the evaluation cutoff; {result['distinct_texts']} distinct titles embedded "
+          f"at {result['embed']['texts_per_s']} texts/s ({result['embed']['device']}); text join "
+          f"{result['join_seconds']} s")
+    print("| model | Gini | Gini with text | Δ Gini | AUC | AUC with text | fit s (plain / text) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in result["metrics"].items():
+        plain, text = row["plain"], row["text"]
+        print(f"| {name} | {plain['gini']:.3f} | {text['gini']:.3f} | {text['gini'] - plain['gini']:+.3f} | "
+              f"{plain['auc']:.3f} | {text['auc']:.3f} | {plain['fit_seconds']} / {text['fit_seconds']} |")
+    (OUT / "text_quality.json").write_text(json.dumps({"args": vars(args), "titles": titles, "split": SPLIT,
+                                                       **result}, indent=2, default=str))
+    print(f"\nwritten: {OUT / 'text_quality.json'}")
+
+
+if __name__ == "__main__":
+    main()
