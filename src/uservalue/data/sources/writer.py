@@ -30,24 +30,31 @@ def write_sorted_events(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
     # Scratch space next to the output (same disk); removed whatever happens.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch:
         unsorted = Path(scratch) / "unsorted.parquet"
-        writer: pq.ParquetWriter | None = None
-        try:
-            for table in tables:
-                if writer is None:  # item text (issue 23) when the source's first batch has it
-                    writer = pq.ParquetWriter(unsorted, events_schema(table.schema), compression="zstd")
-                writer.write_table(_conform(table, writer.schema), row_group_size=ROW_GROUP_ROWS)
-                rows += table.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
+        rows = _write_batches(tables, unsorted)
         if rows == 0:
             raise InputError(source, "contains no events", expected="at least one event row")
         with atomic_path(out) as sorted_tmp:
             sort_events_file(unsorted, sorted_tmp, memory_limit=memory_limit)
+    return rows
+
+
+def _write_batches(tables: Iterable[pa.Table], path: Path) -> int:
+    """The batches, in order, into one ZSTD Parquet file at `path`, typed by the first batch's schema (so
+    item_text is kept when the source has it, issue 23); no file when there is no batch. Returns the rows."""
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for table in tables:
+            if writer is None:
+                writer = pq.ParquetWriter(path, events_schema(table.schema), compression="zstd")
+            writer.write_table(_conform(table, writer.schema), row_group_size=ROW_GROUP_ROWS)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
     return rows
 
 
@@ -76,18 +83,8 @@ def sort_events_file(src: Path, dst: Path, *, memory_limit: str | None = None) -
 
 def write_events_in_order(tables: Iterable[pa.Table], out: str | Path) -> int:
     """For producers that already emit batches sorted by user and time (the generator)."""
-    rows = 0
     with atomic_path(out) as tmp:
-        writer: pq.ParquetWriter | None = None
-        try:
-            for table in tables:
-                if writer is None:  # the generator's titles (data.synthetic.titles) when it writes them
-                    writer = pq.ParquetWriter(tmp, events_schema(table.schema), compression="zstd")
-                writer.write_table(_conform(table, writer.schema), row_group_size=ROW_GROUP_ROWS)
-                rows += table.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:
+        rows = _write_batches(tables, tmp)
+        if not tmp.exists():
             pq.write_table(EVENTS_SCHEMA.empty_table(), tmp, compression="zstd")
     return rows
