@@ -39,12 +39,18 @@ def main() -> None:
     parser.add_argument("--tastes", type=int, default=None, help="default: params data.synthetic.tastes")
     parser.add_argument("--max-eval-users", type=int, default=5000)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; 1 is often faster on busy shared cores)")
     parser.add_argument("--models", default=None, help="comma-separated kinds of params recs.models (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KIND.PARAM=JSON",
                         help="override one recommender param, e.g. --set taste.gamma=50 (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "recs_quality.json")
     args = parser.parse_args()
     params = load_params(args.params)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     world = {"users": args.users, "events_per_user": args.events_per_user, "affinity": args.affinity,
              **({"categories": args.categories} if args.categories else {}), **({"tastes": args.tastes} if args.tastes else {})}
     source = params.data.synthetic.model_copy(update=world)

@@ -283,10 +283,12 @@ def main() -> None:
             if name == "uservalue_service":
                 results[name] = {path: {f"{c}_clients": asyncio.run(_load(url, c, args.seconds, body)) for c in counts}
                                  for path, (body, counts) in paths.items()}
-                # Top-20 items of one stored user (issue 18), at one client: next to the trivial service's p50.
-                recommend = {"user_id": users[0], "k": 20, "as_of": AS_OF}
-                results[name]["recommend_by_id"] = {"1_clients": asyncio.run(_load(
-                    url.removesuffix("/predict") + "/recommend", 1, args.seconds, recommend))}
+                # Top-20 items of one stored user (issue 18), at one client: next to the trivial service's p50;
+                # only when the Bento packages a recommender (CDNOW has no items: train_recs registers none).
+                if package.get("recs_model"):
+                    recommend = {"user_id": users[0], "k": 20, "as_of": AS_OF}
+                    results[name]["recommend_by_id"] = {"1_clients": asyncio.run(_load(
+                        url.removesuffix("/predict") + "/recommend", 1, args.seconds, recommend))}
             else:
                 results[name] = {f"{c}_clients": asyncio.run(_load(url, c, args.seconds)) for c in args.clients}
         finally:

@@ -9,6 +9,7 @@ each model twice: on the aggregates alone and with the text columns. Figures (Gi
 seconds, the embedding's texts/s) are printed and written to bench/out/text_quality.json; nothing is asserted.
 
     .venv/bin/python bench/text_quality.py [--users 3000] [--seed 0] [--models gbdt linear mlp sequence]
+        [--value-words 3 --price-effect 1.0 --buy-effect 1.5 --lean 1.0 --consider-days 60]  (README "Item text")
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def run(workdir: Path, users: int, seed: int, models: list[str], text_cfg: dict,
     from uservalue.text.embed import embed_items
     from uservalue.text.features import add_text_features, text_feature_columns
 
-    tag = f"u{users}_s{seed}_v{titles['value_words']}_p{titles['price_effect']:g}_b{titles['buy_effect']:g}_l{titles['lean']:g}"
+    tag = (f"u{users}_s{seed}_v{titles['value_words']}_p{titles['price_effect']:g}_b{titles['buy_effect']:g}"
+           f"_l{titles['lean']:g}_f{titles['lean_from_spend']:g}_c{titles['consider_days']:g}_o{int(titles['onset'])}")
     events, truth, features = workdir / f"events_{tag}.parquet", workdir / f"truth_{tag}", workdir / f"features_{tag}"
     vectors = workdir / f"item_vectors_{tag}.parquet"
     source = SyntheticSource(users=users, seed=seed, categories=60, items_per_category=100, titles=titles)
@@ -79,18 +81,24 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=["gbdt", "linear", "mlp", "sequence"])
+    parser.add_argument("--out", default="text_quality.json", help="figures file under bench/out/")
     parser.add_argument("--last", type=int, default=20, help="embed_items.feature_last")
     parser.add_argument("--dim", type=int, default=16, help="embed_items.feature_dim")
     parser.add_argument("--price-effect", type=float, default=0.7, help="data.synthetic.titles.price_effect")
     parser.add_argument("--buy-effect", type=float, default=1.0, help="data.synthetic.titles.buy_effect")
     parser.add_argument("--lean", type=float, default=0.9, help="data.synthetic.titles.lean")
+    parser.add_argument("--lean-from-spend", type=float, default=1.0, help="data.synthetic.titles.lean_from_spend")
+    parser.add_argument("--consider-days", type=float, default=0.0,
+                        help="data.synthetic.titles.consider_days (value items bought later: after the cutoff)")
+    parser.add_argument("--onset", action="store_true", help="data.synthetic.titles.onset (the lean starts mid-life)")
     parser.add_argument("--value-words", type=int, default=10,
                         help="data.synthetic.titles.value_words (10: every premium-sounding word of the vocabulary)")
     args = parser.parse_args()
     workdir = OUT / "text_quality"
     workdir.mkdir(parents=True, exist_ok=True)
     text_cfg = {"behaviors": ["view", "cart", "buy"], "last": args.last, "dim": args.dim}
-    titles = {**TITLES, "value_words": args.value_words, "price_effect": args.price_effect, "buy_effect": args.buy_effect, "lean": args.lean}
+    titles = {**TITLES, "value_words": args.value_words, "price_effect": args.price_effect, "buy_effect": args.buy_effect,
+              "lean": args.lean, "lean_from_spend": args.lean_from_spend, "consider_days": args.consider_days, "onset": args.onset}
     result = run(workdir, args.users, args.seed, args.models, text_cfg, titles)
     print(f"\n{result['users']} users at the evaluation cutoff; {result['distinct_texts']} distinct titles embedded "
           f"at {result['embed']['texts_per_s']} texts/s ({result['embed']['device']}); text join "
@@ -101,9 +109,9 @@ def main() -> None:
         plain, text = row["plain"], row["text"]
         print(f"| {name} | {plain['gini']:.3f} | {text['gini']:.3f} | {text['gini'] - plain['gini']:+.3f} | "
               f"{plain['auc']:.3f} | {text['auc']:.3f} | {plain['fit_seconds']} / {text['fit_seconds']} |")
-    (OUT / "text_quality.json").write_text(json.dumps({"args": vars(args), "titles": titles, "split": SPLIT,
+    (OUT / args.out).write_text(json.dumps({"args": vars(args), "titles": titles, "split": SPLIT,
                                                        **result}, indent=2, default=str))
-    print(f"\nwritten: {OUT / 'text_quality.json'}")
+    print(f"\nwritten: {OUT / args.out}")
 
 
 if __name__ == "__main__":

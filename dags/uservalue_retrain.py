@@ -24,7 +24,8 @@ Re-runs the project's DVC pipeline, one task per stage, in the project workspace
 (`USERVALUE_PROJECT_DIR`, else the Airflow Variable `uservalue_project_dir`, else the folder above
 `dags/`): **monitor_idle** (a sensor: while a `uservalue_monitor` run is running, it checks again
 every minute without holding a worker slot) **→ plan** (checks the conf) **→ ingest → validate**
-(Great Expectations) **→ materialize** (the online store of per-user events) **→ featurize → train** (one mapped task per model, `train@<model>`)
+(Great Expectations) **→ materialize** (the online store of per-user events) **→ embed_items** (item text
+vectors; nothing to do for a log without text) **→ featurize → train** (one mapped task per model, `train@<model>`)
 **→ evaluate → register** (MLflow registry, gated promotion to `@champion`) **→ package**
 (BentoML model + Bento of the champion).
 
@@ -42,7 +43,7 @@ whenever a run fails or the new model does not pass the registry's gate.
 
 with DAG(
     dag_id="uservalue_retrain",
-    description="Retrain: DVC stages ingest -> validate -> featurize -> train@<model> -> evaluate -> register -> train_recs -> package",
+    description="Retrain: DVC stages ingest -> validate -> materialize -> embed_items -> featurize -> train@<model> -> evaluate -> register -> train_recs -> package",
     doc_md=DOC_MD,
     schedule=None,  # triggered: from the UI, the REST API or uservalue_monitor on drift
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
@@ -108,10 +109,11 @@ with DAG(
     ingest = stage_task("ingest", retries=2)
     validate = stage_task("validate", retries=0)
     materialize = stage_task("materialize", retries=2)  # the online store the service scores ids from
+    embed_items = stage_task("embed_items", retries=1)  # item text -> vectors (issue 23); featurize joins them
     featurize = stage_task("featurize", retries=1)
     trained = train.expand(model=models)
     evaluate = stage_task("evaluate", retries=1)
     register = stage_task("register", retries=2)
     train_recs = stage_task("train_recs", retries=1)  # the recommender (user-recs), packaged in the same Bento
     package = stage_task("package", retries=1)
-    models >> ingest >> validate >> materialize >> featurize >> trained >> evaluate >> register >> train_recs >> package
+    models >> ingest >> validate >> materialize >> embed_items >> featurize >> trained >> evaluate >> register >> train_recs >> package

@@ -78,6 +78,16 @@ def taobao_events(tmp_path_factory: pytest.TempPathFactory, taobao_sample: Path)
     return out
 
 
+@pytest.fixture(scope="session")
+def served_project_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small synthetic project through the whole DVC pipeline (a champion in MLflow, a built Bento),
+    built once per session: the suites that serve it (tests/e2e/test_service.py, tests/reliability/) each
+    take their own copy (tests.e2e.conftest.copy_project), so none sees what another changed."""
+    from tests.support.serving import build_served_project
+
+    return build_served_project(tmp_path_factory.mktemp("served-project-template"))
+
+
 SMALL_SYNTHETIC = SyntheticSource(users=3000, events_per_user=60, seed=7)
 
 

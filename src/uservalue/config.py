@@ -126,6 +126,14 @@ class SyntheticTitles(_Section):
     price_effect: float = Field(0.4, ge=0, le=3, description="log price multiplier per value word in a title")
     buy_effect: float = Field(0.5, ge=0, le=3, description="log purchase propensity multiplier per value word")
     lean: float = Field(0.6, ge=0, le=1, description="largest share of a user's events moved to value items")
+    lean_from_spend: float = Field(1.0, ge=0, le=1, description="share of a user's lean level set by their spend "
+                                                                "level; the rest an independent draw (0: only "
+                                                                "the text of what they see shows it)")
+    consider_days: float = Field(0.0, ge=0, le=365, description="extra mean delay (days, exponential) from seeing "
+                                                                "a value item to buying it, per value word: what a "
+                                                                "user saw lately is bought after the cutoff; 0: none")
+    onset: bool = Field(False, description="each user's lean begins on a day drawn uniformly over their life (none "
+                                           "before): their recent views show it before their purchases do")
 
     @model_validator(mode="after")
     def _value_words_fit(self) -> SyntheticTitles:
@@ -189,6 +197,10 @@ class DataParams(_Section):
     engine: Literal["duckdb", "spark"] = Field(
         "duckdb", description="the ingest stage's engine: duckdb (embedded) | spark (the session of params "
                               "`spark`; uservalue.data.spark_ingest); the same canonical events")
+    external_root: str | None = Field(
+        None, description="a folder outside the workspace (or file://...): a data stage whose output path names "
+                          "a manifest (*.manifest.json) writes its Parquet here and the manifest in the workspace "
+                          "(uservalue.data.manifest)")
 
     @field_validator("behaviors")
     @classmethod
@@ -611,7 +623,7 @@ class RecsParams(_Section):
     """The train_recs stage: top-K recommenders fitted on events before split.eval_cutoff, scored on the
     split.horizon_days after it; the best is registered as its own model, promoted through a gate."""
 
-    models: dict[Literal["popularity", "cooccurrence", "nextitem", "taste"], dict[str, Any]] = Field(
+    models: dict[Literal["popularity", "cooccurrence", "nextitem", "taste", "graph"], dict[str, Any]] = Field(
         default_factory=lambda: {"popularity": {}, "cooccurrence": {}, "nextitem": {}, "taste": {}},
         description="recommender kind -> its params (uservalue.recs)")
     exclude_bought: bool = Field(True, description="leave out items the user bought (also the service's default)")
@@ -636,6 +648,12 @@ class EmbedItemsParams(_Section):
     cache_dir: str = Field("tmp/text_cache", description="embeddings by text hash and the unpacked model "
                                                        "(git-ignored; a cache: never changes a result)")
     seed: int = Field(0, description="PCA's seed")
+    # The per-user text features featurize joins (uservalue.text.features), written into the vectors file's
+    # metadata so that featurize and the service read one definition.
+    feature_behaviors: list[str] = Field(default_factory=lambda: ["view", "cart", "buy"], min_length=1,
+                                         description="behaviours whose last items' vectors are pooled per user")
+    feature_last: int = Field(20, ge=1, description="items pooled per behaviour (the user's last L before the cutoff)")
+    feature_dim: int = Field(16, ge=1, le=384, description="leading components kept per behaviour")
 
 
 class Params(_Section):

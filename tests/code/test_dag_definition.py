@@ -12,8 +12,8 @@ from bench.dag_parse import HEAVY, parse_fresh
 from tests.conftest import REPO_ROOT
 from uservalue.orchestration.airflow_tasks import DVC_POOL
 
-RETRAIN_STAGES = ["ingest", "validate", "materialize", "featurize", "train", "evaluate", "register", "train_recs",
-                  "package"]
+RETRAIN_STAGES = ["ingest", "validate", "materialize", "embed_items", "featurize", "train", "evaluate", "register",
+                  "train_recs", "package"]
 RETRAIN_ORDER = ["monitor_idle", "plan", *RETRAIN_STAGES]
 
 

@@ -229,3 +229,25 @@ def test_a_model_with_text_features_recovers_the_planted_word_effect(tmp_path: P
         predicted[name] = model.predict(rows)["expected_value"].to_numpy()
     assert predicted["value"].mean() > predicted["plain"].mean(), {k: v.mean() for k, v in predicted.items()}
     assert (predicted["value"] > predicted["plain"]).mean() > 0.5
+
+
+def test_considered_purchases_move_only_the_value_items_buys_later(tmp_path: Path) -> None:
+    """titles.consider_days (a stronger planted effect, opt-in): value items are bought later; the events that
+    are not purchases are the same."""
+    from uservalue.config import SyntheticSource
+    from uservalue.data.sources.synthetic import TITLE_WORDS, generate
+
+    base = {"users": 400, "events_per_user": 30, "seed": 2, "categories": 10, "items_per_category": 20}
+    titles = {"words": 20, "value_words": 4, "words_per_title": 3}
+    logs = {}
+    for name, extra in (("now", {}), ("later", {"consider_days": 60.0})):
+        generate(SyntheticSource(**base, titles={**titles, **extra}), tmp_path / f"{name}.parquet", tmp_path / name)
+        logs[name] = pd.read_parquet(tmp_path / f"{name}.parquet")
+    valued = {name: log[ITEM_TEXT].str.split().map(lambda ws: any(w in TITLE_WORDS[:4] for w in ws))
+              for name, log in logs.items()}
+    parts = {name: {"other": log[log["behavior"] != "buy"].reset_index(drop=True),
+                    "value buys": log[(log["behavior"] == "buy") & valued[name]]} for name, log in logs.items()}
+    pd.testing.assert_frame_equal(parts["now"]["other"], parts["later"]["other"])
+    now, later = parts["now"]["value buys"], parts["later"]["value buys"]
+    assert len(now) > 50 and (later["ts"] - pd.Timestamp("1997-01-01", tz="UTC")).mean() > (
+        now["ts"] - pd.Timestamp("1997-01-01", tz="UTC")).mean()

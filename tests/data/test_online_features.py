@@ -158,7 +158,7 @@ ROW = st.tuples(
     st.sampled_from(USERS),
     st.one_of(st.sampled_from(TIE_SECONDS), st.sampled_from(TIE_SECONDS), st.integers(0, 40 * 86_400)),
     st.sampled_from([0, 0, 0, 250_000]),  # microseconds
-    st.sampled_from(["view", "fav", "cart", "buy", "share"]),
+    st.sampled_from(["view", "fav", "cart", "buy", "return", "share"]),
     st.one_of(st.none(), st.sampled_from(["i1", "i2", "I1", "i10", "é"])),
     st.one_of(st.none(), st.sampled_from(["c1", "c2", "C", ""])),
     st.one_of(st.just(0.0), st.sampled_from([1.0, 2.5, 99.99]), st.floats(0, 1e4, allow_nan=False)),
@@ -204,10 +204,13 @@ def test_ties_are_broken_in_the_window_order() -> None:
     sequence_length=st.integers(1, 6),
     buckets=st.integers(1, 50),
     seed=st.integers(0, 2**32 - 1),
+    returns=st.booleans(),
 )
-def test_random_logs(rows, cutoff_seconds, windows, sequence_length, buckets, seed) -> None:
+def test_random_logs(rows, cutoff_seconds, windows, sequence_length, buckets, seed, returns) -> None:
     table = _table(rows)
-    spec = FeatureSpec(windows_days=tuple(windows), sequence_length=sequence_length,
+    # With `return` among the behaviours, the money given back per window too (features.sql's return columns).
+    spec = FeatureSpec(behaviors=("view", "fav", "cart", "buy", "return") if returns else FeatureSpec().behaviors,
+                       windows_days=tuple(windows), sequence_length=sequence_length,
                        category_buckets=buckets, item_buckets=buckets + 1)
     cutoff = BASE + dt.timedelta(seconds=cutoff_seconds)
     columns = event_columns(table)

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.e2e.conftest import run_in, set_param, tool_env, use_synthetic_data
+from tests.e2e.conftest import QUICK_RECS, run_in, set_param, tool_env, use_synthetic_data
 from uservalue.orchestration.airflow_local import prepare
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ class Airflow:
 @pytest.fixture(scope="module")
 def airflow(make_project, tmp_path_factory: pytest.TempPathFactory) -> Airflow:
     project = make_project()
-    use_synthetic_data(project, ["linear"])
+    use_synthetic_data(project, ["linear"], recs=QUICK_RECS)
     # Batch monitoring at the reference's cutoff: an undrifted world then looks like the reference.
     set_param(project, "monitor", "as_of", "1998-01-01")
     return Airflow(project, tmp_path_factory.mktemp("airflow_home"))

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.e2e.conftest import free_port, set_param, tool_env, use_synthetic_data
+from tests.e2e.conftest import QUICK_RECS, free_port, set_param, tool_env, use_synthetic_data
 from uservalue.orchestration.airflow_local import DVC_POOL
 
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ class Standalone:
 @pytest.fixture(scope="module")
 def airflow(make_project) -> Iterator[Standalone]:
     project = make_project()
-    use_synthetic_data(project, ["historical", "linear"])
+    use_synthetic_data(project, ["historical", "linear"], recs=QUICK_RECS)
     set_param(project, "monitor", "as_of", "1998-01-01")  # batch monitoring at the reference's cutoff
     server = Standalone(project)
     try:

@@ -1,6 +1,7 @@
 """uservalue_retrain's `monitor_idle` sensor, run by real Airflow (`airflow dags test`, no server; slow,
-about a minute): while a uservalue_monitor run is running it is rescheduled (no worker slot held,
-no try used), and it passes once that run has ended.
+about half a minute): while a uservalue_monitor run is running it is rescheduled (no worker slot held,
+no try used, the next poke a poke_interval later), and it passes once that run has ended. The test
+brings that next poke forward in the metadata DB instead of waiting out the interval.
 """
 
 from __future__ import annotations
@@ -57,8 +58,15 @@ def test_retrain_waits_for_a_running_monitor_rescheduled_not_sleeping(tmp_path: 
     try:
         assert _wait_for_state(db, "up_for_reschedule", process, log, timeout=120)[1] == 1
         assert _query(db, "SELECT count(*) FROM task_reschedule")[0][0] >= 1
+        # The reschedule request Airflow recorded: the next poke one poke_interval (60 s) after this one.
+        [(wait,)] = _query(db, "SELECT (julianday(reschedule_date) - julianday(start_date)) * 86400 "
+                               "FROM task_reschedule ORDER BY id DESC LIMIT 1")
+        assert wait >= 59.9, wait
         _query(db, "UPDATE dag_run SET state = 'success' WHERE dag_id = 'uservalue_monitor'")
-        # The next poke (poke_interval 60 s) sees no running monitor run; rescheduling used no retry.
+        # The minute's wait brought forward (as if the clock had moved on): `dags test` reads the reschedule
+        # date from the metadata DB before each loop, so the next poke runs now, not a minute later.
+        _query(db, "UPDATE task_reschedule SET reschedule_date = start_date")
+        # The next poke sees no running monitor run; rescheduling used no retry.
         assert _wait_for_state(db, "success", process, log, timeout=150)[1] == 1
     finally:
         with contextlib.suppress(ProcessLookupError):  # plan and the stages would follow: not this test's subject

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import sqlalchemy
 
-from tests.e2e.conftest import run_in, tool_env, use_synthetic_data
+from tests.e2e.conftest import QUICK_RECS, run_in, tool_env, use_synthetic_data
 from tests.support.postgres import postgres_cluster
 from uservalue.orchestration.airflow_local import prepare
 
@@ -24,7 +24,7 @@ def test_retrain_dag_with_airflow_and_mlflow_on_postgresql(make_project, tmp_pat
         airflow_db = cluster.create_database("airflow")
         mlflow_db = cluster.create_database("mlflow")
         project = make_project()
-        use_synthetic_data(project, ["historical"])
+        use_synthetic_data(project, ["historical"], recs=QUICK_RECS)
         env = tool_env(AIRFLOW_HOME=str(tmp_path / "airflow_home"), AIRFLOW__CORE__DAGS_FOLDER=str(project / "dags"),
                        AIRFLOW__CORE__LOAD_EXAMPLES="False", USERVALUE_PROJECT_DIR=str(project),
                        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=airflow_db, MLFLOW_TRACKING_URI=mlflow_db)

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.e2e.conftest import run_in, set_param
-from tests.support.serving import EVAL_CUTOFF, Server, build_served_project, eval_users, events_of
+from tests.e2e.conftest import copy_project, run_in, set_param
+from tests.support.serving import EVAL_CUTOFF, Server, eval_users, events_of
 from uservalue.serving.prediction_log import read_prediction_log
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,9 @@ MAX_USERS = 60
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_served_project(tmp_path_factory.mktemp("served-project"))
+def project(served_project_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The session's built project (tests/conftest.py), copied: the reliability suite serves another copy.
+    return copy_project(served_project_template, tmp_path_factory.mktemp("served-project") / "project")
 
 
 @pytest.fixture(scope="module")

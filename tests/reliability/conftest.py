@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.serving import Server, build_served_project
+from tests.e2e.conftest import copy_project
+from tests.support.serving import Server
 
 
 @pytest.fixture(scope="session")
-def served_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_served_project(tmp_path_factory.mktemp("reliability-project"))
+def served_project(served_project_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The session's built project (tests/conftest.py), copied: tests/e2e/test_service.py serves another copy.
+    return copy_project(served_project_template, tmp_path_factory.mktemp("reliability-project") / "project")
 
 
 @pytest.fixture(scope="session")

@@ -38,20 +38,23 @@ def ingest(
 ) -> None:
     """Read the configured source (params `data`) into one canonical events table (engine: `data.engine`,
     duckdb or spark on the session of params `spark`)."""
+    from uservalue.data.manifest import external_target, finish_output
     from uservalue.io import write_json
 
     cfg = load(params, {"data.source": source, "data.path": path, "data.engine": engine})
+    target = external_target(out, cfg.data.external_root)  # --out *.manifest.json: the Parquet under data.external_root
     with progress_bar() as progress:
         task = progress.add_task(f"ingest {cfg.data.source} ({cfg.data.engine})", total=None)
         if cfg.data.engine == "spark":
             from uservalue.data.spark_ingest import ingest_spark
 
-            result = ingest_spark(cfg.data, out, truth_dir, rejects, cfg.spark)
+            result = ingest_spark(cfg.data, target, truth_dir, rejects, cfg.spark)
         else:
             from uservalue.data.sources import ingest as run_ingest
 
-            result = run_ingest(cfg.data, out, truth_dir, rejects)
+            result = run_ingest(cfg.data, target, truth_dir, rejects)
         progress.update(task, completed=result.events, total=result.events)
+    finish_output(out, target)
     if summary is not None:
         write_json(summary, result.summary())
     dropped = sum(result.rejected.values())
@@ -72,9 +75,12 @@ def validate(
 ) -> None:
     """Run the Great Expectations suite (params `validate`; engine: `validate.engine`, duckdb or spark on the
     session of params `spark`); exit 1 if the gate fails."""
+    from uservalue.data.manifest import external_target, finish_output, resolve_input
     from uservalue.data.window import resolve_window_for
 
     cfg = load(params, {"validate.mode": mode, "validate.engine": engine})
+    events = resolve_input(events)  # a manifest (*.manifest.json): the verified external Parquet it lists
+    targets = {name: external_target(name, cfg.data.external_root) for name in (out, quarantine)}
     if not events.is_file():
         raise InputError(events, "file does not exist", expected="the output of `uservalue ingest`")
     # validate.ts_min/ts_max and mode `auto`: the source's window (a file's: its own range plus a margin), mode.
@@ -88,16 +94,19 @@ def validate(
         if checks.engine == "spark":
             from uservalue.data.spark_validation import validate_file_spark
 
-            outcome = validate_file_spark(events, checks, cfg.data.behaviors, out=out, quarantine_out=quarantine,
-                                          report_dir=report_dir, spark_params=cfg.spark)
+            outcome = validate_file_spark(events, checks, cfg.data.behaviors, out=targets[out],
+                                          quarantine_out=targets[quarantine], report_dir=report_dir,
+                                          spark_params=cfg.spark)
         else:
             from uservalue.data.validation import validate_file
 
             outcome = validate_file(
                 events, checks, cfg.data.behaviors,
-                out=out, quarantine_out=quarantine, report_dir=report_dir,
+                out=targets[out], quarantine_out=targets[quarantine], report_dir=report_dir,
             )
         progress.update(task, completed=outcome.rows, total=outcome.rows)
+    for name, target in targets.items():
+        finish_output(name, target)
     err.print(
         f"validate: {len(outcome.clean):,} rows passed, {len(outcome.quarantined):,} quarantined "
         f"({outcome.quarantine_share:.2%}); report in {report_dir}"
@@ -117,11 +126,13 @@ def featurize(
     """Build features and labels at the cutoffs of params `split` (`auto` values resolved from the events'
     time range; definition: params `featurize`; engine: `featurize.engine`, duckdb or spark on the session
     of params `spark`)."""
+    from uservalue.data.manifest import resolve_input
     from uservalue.data.window import resolve_split_for, split_record
     from uservalue.io import write_json
 
     cfg = load(params, {"featurize.engine": engine})
     engine = cfg.featurize.engine
+    events = resolve_input(events)  # a manifest (*.manifest.json): the verified external Parquet it lists
     if not events.is_file():
         raise InputError(events, "file does not exist", expected="the output of `uservalue validate`")
     split, observed = resolve_split_for(cfg.split, cfg.data, cfg.validate_, events)

@@ -118,6 +118,8 @@ def concat(parts: Sequence[EventColumns]) -> EventColumns:
     """One EventColumns holding every part's events."""
     if not parts:
         return EventColumns(*(np.empty(0, dtype=d) for d in _DTYPES))
+    if len(parts) == 1:  # a lone request's events: no copy
+        return parts[0]
     return EventColumns(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(EventColumns)))
 
 
@@ -250,8 +252,13 @@ def _segment_first(user: np.ndarray, values: np.ndarray, n_users: int, last: boo
     """Per user, the first (or last) of `values` (grouped by `user`, in window order); NaN for none."""
     out = np.full(n_users, np.nan)
     if len(values):
-        boundary = user[1:] != user[:-1]
-        at = np.flatnonzero(np.r_[boundary, True]) if last else np.flatnonzero(np.r_[True, boundary])
+        at = np.empty(len(user), dtype=bool)  # each user's first (last) element
+        if last:
+            np.not_equal(user[1:], user[:-1], out=at[:-1])
+            at[-1] = True
+        else:
+            np.not_equal(user[1:], user[:-1], out=at[1:])
+            at[0] = True
         out[user[at]] = values[at]
     return out
 
@@ -384,6 +391,31 @@ def _empty_arrays(spec: FeatureSpec) -> FeatureArrays:
         {c: np.empty(0, dtype=schema.field(c).type.value_type.to_pandas_dtype()) for c in SEQUENCE_COLUMNS})
 
 
+@dataclass(frozen=True)
+class _SpecPlan:
+    """What online_arrays derives from the spec alone (names, types, behaviour ids), once per spec."""
+
+    columns: tuple[str, ...]  # spec.aggregate_columns()
+    dtypes: dict[str, type]  # per aggregate column: its numpy type (output_schema's)
+    behavior_ids: dict[str, int]  # 1..len(spec.behaviors)
+    behavior_columns: tuple[str, ...]  # per behaviour, in spec order: <b>_count, <b>_count_<w>d..., <b>_recency_days
+    monetary_windows: tuple[str, ...]  # monetary_sum_<w>d per window
+    return_windows: tuple[str, ...]  # return_amount_sum_<w>d per window
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_plan(spec: FeatureSpec) -> _SpecPlan:
+    return _SpecPlan(
+        columns=tuple(spec.aggregate_columns()),
+        dtypes={c: dtype for dtype, names in _aggregate_blocks(spec) for c in names},
+        behavior_ids={b: i for i, b in enumerate(spec.behaviors, start=1)},
+        behavior_columns=tuple(c for b in spec.behaviors for c in (
+            f"{b}_count", *(f"{b}_count_{w}d" for w in spec.windows_days), f"{b}_recency_days")),
+        monetary_windows=tuple(f"monetary_sum_{w}d" for w in spec.windows_days),
+        return_windows=tuple(f"return_amount_sum_{w}d" for w in spec.windows_days),
+    )
+
+
 def online_features(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = DEFAULT_SPEC) -> pa.Table:
     """Exactly build_features(<events as a table>, as_of, spec): one row per user with an event
     before `as_of`, sorted by user_id, the same columns and Arrow types."""
@@ -397,12 +429,16 @@ def online_arrays(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = 
     if coded is None:
         return _empty_arrays(spec)
     ev, item_hash, category_hash, users = coded
+    plan = _spec_plan(spec)
     order = _window_order(ev)
     u, t, amount = ev.user[order], ev.t[order], ev.amount[order]
     n, U = len(t), len(users)
     starts = np.flatnonzero(_changes(u, u))
-    n_events = np.diff(np.r_[starts, n])
-    t_min, t_max = t[starts], t[np.r_[starts[1:], n] - 1]  # sorted by t within a user
+    ends = np.empty_like(starts)  # one past each user's last event
+    ends[:-1] = starts[1:]
+    ends[-1] = n
+    n_events = ends - starts
+    t_min, t_max = t[starts], t[ends - 1]  # sorted by t within a user
     tenure = (T - t_min) / DAY
     day = np.floor(t / DAY)
 
@@ -417,23 +453,22 @@ def online_arrays(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = 
     }
 
     # Behaviour ids (1..len(spec.behaviors), 0 for any other), looked up once per distinct string.
-    ids = {b: i for i, b in enumerate(spec.behaviors, start=1)}
-    behavior_id = np.array([ids.get(b, 0) for b in ev.behaviors], dtype=np.int64)[ev.behavior[order]]
+    behavior_id = np.array([plan.behavior_ids.get(b, 0) for b in ev.behaviors], dtype=np.int64)[ev.behavior[order]]
     is_buy = np.array([b == PURCHASE for b in ev.behaviors], dtype=bool)[ev.behavior[order]]
-    K = len(spec.behaviors) + 1
-    key = u * K + behavior_id
-    in_window = {w: t >= T - w * DAY for w in spec.windows_days}
-    counts = np.bincount(key, minlength=U * K).reshape(U, K)
-    window_counts = {w: np.bincount(key[m], minlength=U * K).reshape(U, K) for w, m in in_window.items()}
-    last_t = np.full(U * K, -np.inf)
+    K, W = len(spec.behaviors) + 1, len(spec.windows_days)
+    # Per (behaviour, user) cell and per (window, behaviour, user) cell: one bincount each for all of them.
+    key = behavior_id * U + u
+    in_window = t >= np.array([T - w * DAY for w in spec.windows_days])[:, None]  # [window, event]
+    window_base = np.arange(W, dtype=np.int64)[:, None]
+    counts = np.bincount(key, minlength=K * U).reshape(K, U)
+    window_counts = np.bincount((window_base * (K * U) + key)[in_window], minlength=W * K * U).reshape(W, K, U)
+    last_t = np.full(K * U, -np.inf)
     np.maximum.at(last_t, key, t)
-    last_t = last_t.reshape(U, K)
-    for i, b in enumerate(spec.behaviors, start=1):
-        cols[f"{b}_count"] = counts[:, i]
-        for w in spec.windows_days:
-            cols[f"{b}_count_{w}d"] = window_counts[w][:, i]
-        seen = last_t[:, i] > -np.inf
-        cols[f"{b}_recency_days"] = np.where(seen, (T - np.where(seen, last_t[:, i], T)) / DAY, tenure)
+    last_t = last_t.reshape(K, U)[1:]
+    seen = last_t > -np.inf
+    recency = np.where(seen, (T - np.where(seen, last_t, T)) / DAY, tenure)  # [behaviour, user]
+    per_behavior = [a for i in range(1, K) for a in (counts[i], *window_counts[:, i], recency[i - 1])]
+    cols.update(zip(plan.behavior_columns, per_behavior, strict=True))
 
     ub, buy_t, buy_amount = u[is_buy], t[is_buy], amount[is_buy]
     n_buys = np.bincount(ub, minlength=U)
@@ -444,16 +479,20 @@ def online_arrays(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = 
     cols["monetary_sum"] = spend
     cols["monetary_mean"] = np.where(bought, spend / np.maximum(n_buys, 1), 0.0)
     cols["monetary_max"] = np.where(bought, top, 0.0)
-    for w, m in in_window.items():
-        mb = m[is_buy]
-        cols[f"monetary_sum_{w}d"] = np.bincount(ub[mb], weights=buy_amount[mb], minlength=U)
+    # Each (window, user) bin sums its amounts in event order, as one bincount per window would.
+    windowed = in_window[:, is_buy]
+    sums = np.bincount((window_base * U + ub)[windowed], weights=np.broadcast_to(buy_amount, windowed.shape)[windowed],
+                       minlength=W * U).reshape(W, U)
+    cols.update(zip(plan.monetary_windows, sums, strict=True))
     if spec.returns:  # the money given back, as features.sql's return_amount_sum columns
         is_return = np.array([b == RETURN for b in ev.behaviors], dtype=bool)[ev.behavior[order]]
         ur, return_amount = u[is_return], amount[is_return]
         cols["return_amount_sum"] = np.bincount(ur, weights=return_amount, minlength=U)
-        for w, m in in_window.items():
-            mr = m[is_return]
-            cols[f"return_amount_sum_{w}d"] = np.bincount(ur[mr], weights=return_amount[mr], minlength=U)
+        windowed = in_window[:, is_return]
+        sums = np.bincount((window_base * U + ur)[windowed],
+                           weights=np.broadcast_to(return_amount, windowed.shape)[windowed],
+                           minlength=W * U).reshape(W, U)
+        cols.update(zip(plan.return_windows, sums, strict=True))
     purchase_days = np.bincount(ub[_changes(ub, day[is_buy])], minlength=U).astype(np.int32)
     first_buy = _segment_first(ub, buy_t, U, last=False)
     last_buy = _segment_first(ub, buy_t, U, last=True)
@@ -464,24 +503,30 @@ def online_arrays(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = 
 
     # Sequences: the last L events of each user in window order; gaps over the whole history.
     L = spec.sequence_length
-    position = np.arange(n) - np.repeat(starts, n_events)
-    keep = position >= np.repeat(n_events, n_events) - L
+    keep = np.repeat(ends, n_events) - np.arange(n) <= L  # among its user's last L events
     offsets = np.zeros(U + 1, dtype=np.int64)
     np.cumsum(np.minimum(n_events, L), out=offsets[1:])
     gap = np.zeros(n)
     gap[1:] = t[1:] - t[:-1]
     gap[starts] = 0.0
     kept = order[keep]
+    m = len(kept)
+    # The three logs in one call (each element's float32 is the same whatever array it is in: _log_f32).
+    logs = _log_f32(np.concatenate([1 + (T - t[keep]) / DAY, 1 + gap[keep] / DAY, 1 + amount[keep]]))
     sequences = {
         "seq_behavior": behavior_id[keep].astype(np.uint8),
         "seq_category": _bucket(category_hash[kept], ev.category[kept] < 0, spec.category_buckets),
         "seq_item": _bucket(item_hash[kept], ev.item[kept] < 0, spec.item_buckets),
-        "seq_log_age_days": _log_f32(1 + (T - t[keep]) / DAY),
-        "seq_log_gap_days": _log_f32(1 + gap[keep] / DAY),
-        "seq_log_amount": _log_f32(1 + amount[keep]),
+        "seq_log_age_days": logs[:m],
+        "seq_log_gap_days": logs[m:2 * m],
+        "seq_log_amount": logs[2 * m:],
     }
+    if spec.text_columns:  # the pooled item-text vectors, as the batch join (issue 23; uservalue.text.online)
+        from uservalue.text.online import pooled_text_columns
 
-    blocks = {c: dtype for dtype, names in _aggregate_blocks(spec) for c in names}
+        cols.update(pooled_text_columns(spec.text_columns, events, T, users))
+
+    dtypes = plan.dtypes
     return FeatureArrays(spec, users, np.full(U, int(T * 1_000_000), dtype=np.int64),
-                         {c: np.asarray(cols[c], dtype=blocks[c]) for c in spec.aggregate_columns()},
+                         {c: np.asarray(cols[c], dtype=dtypes[c]) for c in plan.columns},
                          offsets, sequences)

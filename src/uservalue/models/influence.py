@@ -227,7 +227,30 @@ def _shapley_weights(k: int) -> np.ndarray:
             if i not in kept:
                 weights[i, index[tuple(sorted((*kept, i)))]] += w
                 weights[i, index[kept]] -= w
+    weights.flags.writeable = False  # cached: shared by every call
     return weights
+
+
+@dataclass(frozen=True)
+class _CoalitionMasks:
+    """_coalitions(k) as bit masks, built once per k (read-only arrays shared by every call)."""
+
+    bits: np.ndarray  # [behaviour]: 1 << i
+    mask: np.ndarray  # [coalition]: the bits of the behaviours it keeps
+    index_of: np.ndarray  # [2^k]: the coalition of each mask
+    removed: np.ndarray  # [coalition, behaviour]: whether the coalition leaves the behaviour out
+
+
+@functools.lru_cache(maxsize=8)
+def _coalition_masks(k: int) -> _CoalitionMasks:
+    bits = 1 << np.arange(k, dtype=np.int64)
+    mask = np.array([int(bits[list(kept)].sum()) for kept in _coalitions(k)], dtype=np.int64)
+    index_of = np.empty(1 << k, dtype=np.int64)
+    index_of[mask] = np.arange(len(mask))
+    removed = (mask[:, None] & bits[None, :]) == 0
+    for array in (bits, mask, index_of, removed):
+        array.flags.writeable = False
+    return _CoalitionMasks(bits, mask, index_of, removed)
 
 
 def coalition_rows(features: FeatureArrays, coalitions: Sequence[tuple[int, ...]]) -> FeatureArrays:
@@ -242,27 +265,82 @@ def coalition_rows(features: FeatureArrays, coalitions: Sequence[tuple[int, ...]
     return _occluded_copies(features, np.tile(np.arange(n), c), np.repeat(removed, n, axis=0))
 
 
-def _occluded_copies(features: FeatureArrays, copies: np.ndarray, gone: np.ndarray) -> FeatureArrays:
+@dataclass(frozen=True)
+class _Block:
+    """Aggregate columns of one dtype, handled as one [columns, rows] array (numpy's per-call cost
+    paid per dtype, not per column): which of them a behaviour owns, and how occlusion writes them."""
+
+    names: tuple[str, ...]
+    owned: np.ndarray  # positions (in names) of the columns a behaviour owns
+    owner: np.ndarray  # [owned]: the index of that behaviour
+    recency: np.ndarray  # [owned, 1]: the column is its owner's recency (occluded to the tenure; the rest to 0)
+    has_recency: bool
+    member: np.ndarray  # [behaviour, owned] float64: 1 where the behaviour owns the column
+
+
+@dataclass(frozen=True)
+class _AggregatePlan:
+    blocks: tuple[_Block, ...]
+    slots: tuple[tuple[str, int, int], ...]  # per aggregate column in its order: (name, block, row in block)
+    counts: tuple[str, ...]  # the `<b>_count` columns present, of behaviours counts_at
+    counts_at: np.ndarray  # their behaviour indices
+
+
+@functools.lru_cache(maxsize=16)
+def _aggregate_plan(columns: tuple[str, ...], dtypes: tuple[np.dtype, ...], behaviors: tuple[str, ...]) -> _AggregatePlan:
+    """The columns grouped by dtype (in first-appearance order), with _owners' roles, per (columns,
+    their dtypes, behaviours): computed once, not per request."""
+    owners = _owners(columns, behaviors)
+    groups: dict[np.dtype, list[str]] = {}
+    for column, dtype in zip(columns, dtypes, strict=True):
+        groups.setdefault(dtype, []).append(column)
+    blocks, where = [], {}
+    for b, names in enumerate(groups.values()):
+        owned = [j for j, c in enumerate(names) if owners[c][0] is not None]
+        owner = np.array([owners[names[j]][0] for j in owned], dtype=np.int64)
+        recency = np.array([owners[names[j]][1] for j in owned], dtype=bool)[:, None]
+        member = np.zeros((len(behaviors), len(owned)))
+        member[owner, np.arange(len(owned))] = 1.0
+        blocks.append(_Block(tuple(names), np.array(owned, dtype=np.int64), owner, recency, bool(recency.any()),
+                             member))
+        where.update((c, (b, j)) for j, c in enumerate(names))
+    present = [(i, f"{x}_count") for i, x in enumerate(behaviors) if f"{x}_count" in where]
+    return _AggregatePlan(tuple(blocks), tuple((c, *where[c]) for c in columns),
+                          tuple(c for _, c in present), np.array([i for i, _ in present], dtype=np.int64))
+
+
+def _blocks(features: FeatureArrays) -> tuple[_AggregatePlan, list[np.ndarray]]:
+    """The aggregates' plan and, per block, its columns stacked as [columns, rows]."""
+    aggregates = features.aggregates
+    plan = _aggregate_plan(tuple(aggregates), tuple(v.dtype for v in aggregates.values()), features.spec.behaviors)
+    n = len(features)
+    return plan, [np.concatenate([aggregates[c] for c in block.names]).reshape(len(block.names), n)
+                  for block in plan.blocks]
+
+
+def _occluded_copies(features: FeatureArrays, copies: np.ndarray, gone: np.ndarray,
+                     blocks: tuple[_AggregatePlan, list[np.ndarray]] | None = None) -> FeatureArrays:
     """Row copies[r] of `features` with the behaviours gone[r] (a [copies, behaviours] mask) removed, as
-    remove_behaviors does, for every r at once."""
+    remove_behaviors does, for every r at once (`blocks`: _blocks(features), when the caller has it)."""
     spec = features.spec
     behaviors = spec.behaviors
     m = len(copies)
+    plan, stacked = blocks or _blocks(features)
     tenure = features.aggregates["tenure_days"][copies]
-    aggregates: dict[str, np.ndarray] = {}
-    owners = _owners(tuple(features.aggregates), behaviors)
-    for column, values in features.aggregates.items():
-        out = values[copies]
-        owner, is_recency = owners[column]
-        if owner is not None:
-            mask = gone[:, owner]
-            out[mask] = tenure[mask] if is_recency else 0
-        aggregates[column] = out
-    events = aggregates["n_events"].astype(np.int64)
-    for i, b in enumerate(behaviors):
-        count = features.aggregates.get(f"{b}_count")
-        if count is not None:
-            events = events - np.where(gone[:, i], count[copies], 0)
+    outs = []
+    for block, values in zip(plan.blocks, stacked, strict=True):
+        out = values[:, copies]  # [columns, copies], a new array
+        if len(block.owned):
+            kept = out[block.owned]
+            fill = np.where(block.recency, tenure[None, :], 0) if block.has_recency else 0
+            out[block.owned] = np.where(gone[:, block.owner].T, fill, kept)
+        outs.append(out)
+    aggregates = {c: outs[b][j] for c, b, j in plan.slots}
+    if plan.counts:
+        counts = np.stack([features.aggregates[c] for c in plan.counts], axis=1).astype(np.int64)[copies]
+        events = aggregates["n_events"].astype(np.int64) - (counts * gone[:, plan.counts_at]).sum(axis=1)
+    else:
+        events = aggregates["n_events"].astype(np.int64)
     aggregates["n_events"] = np.maximum(events, 0).astype(features.aggregates["n_events"].dtype)
     # Tokens: each copy keeps those whose behaviour it keeps (ids 1..k; 0, another behaviour, stays).
     lengths = features.lengths[copies]
@@ -281,16 +359,20 @@ def _occluded_copies(features: FeatureArrays, copies: np.ndarray, gone: np.ndarr
     return FeatureArrays(spec, features.user_id[copies], features.cutoff_us[copies], aggregates, offsets, sequences)
 
 
-def null_players(features: FeatureArrays) -> np.ndarray:
+def null_players(features: FeatureArrays, blocks: tuple[_AggregatePlan, list[np.ndarray]] | None = None,
+                 counts: np.ndarray | None = None) -> np.ndarray:
     """[rows, behaviours]: whether removing the behaviour leaves the row as it is (no event of it, its
-    columns already what remove_behaviors writes): such a player changes no coalition's value."""
+    columns already what remove_behaviors writes): such a player changes no coalition's value.
+    (`blocks`, `counts`: _blocks(features) and event_counts(features), when the caller has them.)"""
     behaviors = features.spec.behaviors
-    null = event_counts(features) == 0
+    null = (event_counts(features) if counts is None else counts) == 0
+    plan, stacked = blocks or _blocks(features)
     tenure = features.aggregates["tenure_days"]
-    for column, (owner, is_recency) in _owners(tuple(features.aggregates), behaviors).items():
-        if owner is not None:
-            values = features.aggregates[column]
-            null[:, owner] &= (values == tenure) if is_recency else (values == 0)
+    for block, values in zip(plan.blocks, stacked, strict=True):
+        if len(block.owned):
+            owned = values[block.owned]  # [owned columns, rows]
+            written = np.where(block.recency, tenure[None, :], 0) if block.has_recency else 0
+            null &= (block.member @ (owned != written)).T == 0  # no owned column differs from it
     token_behavior = features.sequences["seq_behavior"].astype(np.int64)
     rows = np.repeat(np.arange(len(features)), features.lengths)
     known = (token_behavior >= 1) & (token_behavior <= len(behaviors))
@@ -306,33 +388,46 @@ def shapley_values(model: Predictor, features: FeatureArrays) -> tuple[np.ndarra
     A coalition that differs from a smaller one only by null players of a row (null_players) is
     the same feature row: each row is scored once per coalition of its other players (a CDNOW
     customer, purchases only: 2 rows, not 16), and every coalition takes its row's value."""
-    behaviors = features.spec.behaviors
-    k, n = len(behaviors), len(features)
-    coalitions = _coalitions(k)
-    bits = 1 << np.arange(k, dtype=np.int64)
-    mask = np.array([int(bits[list(kept)].sum()) for kept in coalitions], dtype=np.int64)  # [coalition]
-    index_of = np.empty(1 << k, dtype=np.int64)
-    index_of[mask] = np.arange(len(coalitions))
-    players = (~null_players(features)).astype(np.int64) @ bits  # [row]: its non-null behaviours
+    return _shapley_values(model, features, event_counts(features))
+
+
+def _shapley_values(model: Predictor, features: FeatureArrays, counts: np.ndarray,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """shapley_values, with event_counts(features) given."""
+    k, n = len(features.spec.behaviors), len(features)
+    masks = _coalition_masks(k)
+    mask = masks.mask
+    blocks = _blocks(features)
+    players = (~null_players(features, blocks, counts)).astype(np.int64) @ masks.bits  # [row]: its non-null behaviours
     needed = (mask[:, None] & ~players[None, :]) == 0  # [coalition, row]: keeps only non-null players
     coalition, row = np.nonzero(needed)
     # Scored in a multiple of 16 rows (the last one repeated), as the 2^4 coalitions of every row always
     # were: BLAS kernels compute a remainder of rows in another order, which would make a user's numbers
     # depend (in the last bits) on the other users of the call.
-    pad = np.full(-len(row) % 16, len(row) - 1)
-    scored = np.concatenate([np.arange(len(row)), pad])
-    removed = (mask[coalition[scored], None] & bits[None, :]) == 0  # [scored row, behaviour]
-    p_scored, v_scored = model.predict_outputs(_occluded_copies(features, row[scored], removed))
-    slot = np.zeros((len(coalitions), n), dtype=np.int64)
+    scored = np.arange(len(row) + (-len(row) % 16))
+    scored[len(row):] = len(row) - 1
+    p_scored, v_scored = model.predict_outputs(_occluded_copies(features, row[scored],
+                                                                masks.removed[coalition[scored]], blocks))
+    slot = np.zeros((len(mask), n), dtype=np.int64)
     slot[coalition, row] = np.arange(len(row))
-    same = slot[index_of[mask[:, None] & players[None, :]], np.arange(n)[None, :]]  # [coalition, row]
+    same = slot[masks.index_of[mask[:, None] & players[None, :]], np.arange(n)[None, :]]  # [coalition, row]
     values = v_scored[same]  # [coalition, row]
     phi = (_shapley_weights(k) @ values).T  # [row, behaviour]
     # A behaviour the user never did is a null player (removing it leaves the row as it is): exactly
     # 0, whatever the float noise of scoring equal rows at other places in the batch.
-    phi[event_counts(features) == 0] = 0.0
+    phi[counts == 0] = 0.0
     # The first coalition is no behaviour (the baseline), the last every one (the prediction itself).
     return phi, values[0], p_scored[same[-1]], values[-1]
+
+
+@functools.lru_cache(maxsize=16)
+def _purchase_shares(behaviors: tuple[str, ...]) -> np.ndarray:
+    """shares_from_phi's answer for a user with no behaviour: the purchase history (else equal)."""
+    purchase = np.array([1.0 if b == PURCHASE else 0.0 for b in behaviors])
+    if purchase.sum() == 0 and len(behaviors):
+        purchase = np.full(len(behaviors), 1.0 / len(behaviors))
+    purchase.flags.writeable = False
+    return purchase
 
 
 def shares_from_phi(phi: np.ndarray, behaviors: tuple[str, ...], counts: np.ndarray) -> np.ndarray:
@@ -343,10 +438,7 @@ def shares_from_phi(phi: np.ndarray, behaviors: tuple[str, ...], counts: np.ndar
     positive = np.clip(phi, 0.0, None)
     magnitude = np.abs(phi)
     has = (counts > 0).astype(np.float64)
-    purchase = np.array([1.0 if b == PURCHASE else 0.0 for b in behaviors])
-    if purchase.sum() == 0 and len(behaviors):
-        purchase = np.full(len(behaviors), 1.0 / len(behaviors))
-    equal = np.where(has.sum(axis=1, keepdims=True) > 0, has, purchase[None, :])
+    equal = np.where(has.sum(axis=1, keepdims=True) > 0, has, _purchase_shares(tuple(behaviors))[None, :])
     chosen = np.where((positive.sum(axis=1) > 1e-12)[:, None], positive,
                       np.where((magnitude.sum(axis=1) > 1e-12)[:, None], magnitude, equal))
     return chosen / chosen.sum(axis=1, keepdims=True)
@@ -354,8 +446,9 @@ def shares_from_phi(phi: np.ndarray, behaviors: tuple[str, ...], counts: np.ndar
 
 def predict_with_shares(model: Predictor, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(p_buy, expected_value, shares [rows, behaviours]) in one predict_outputs call."""
-    phi, _baseline, p_buy, value = shapley_values(model, features)
-    return p_buy, value, shares_from_phi(phi, features.spec.behaviors, event_counts(features))
+    counts = event_counts(features)
+    phi, _baseline, p_buy, value = _shapley_values(model, features, counts)
+    return p_buy, value, shares_from_phi(phi, features.spec.behaviors, counts)
 
 
 # -- effect: one more event at the cutoff -------------------------------------------------------

@@ -24,7 +24,7 @@ from uservalue.features.online import (
     events_to_columns,
     online_arrays,
 )
-from uservalue.models.base import ArrayPredictions, ModelInfo
+from uservalue.models.base import PREDICT_CHUNK, ArrayPredictions, ModelInfo
 from uservalue.serving.requests import KEY_SEPARATOR, Event, RequestError, as_utc, validate_events
 from uservalue.serving.store import OnlineStore
 
@@ -38,13 +38,37 @@ def score_features(model: Any, features: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([predictions.reset_index(drop=True), features[aggregates].reset_index(drop=True)], axis=1)
 
 
+# Feature rows made a DataFrame at once by score_table: 10^6 users with their sequences are ~3 GiB as pandas,
+# ~1 GiB as Arrow. A multiple of models.base.PREDICT_CHUNK, so every row is scored in the same chunk of
+# predict_with_influence as when the whole table is one DataFrame: the same numbers, bit for bit.
+SCORE_BATCH_ROWS = 16 * PREDICT_CHUNK
+
+
+def score_table(model: Any, table: pa.Table, batch_rows: int = SCORE_BATCH_ROWS) -> pd.DataFrame:
+    """score_features of an Arrow table of feature rows, `batch_rows` rows made a DataFrame at a time (the
+    rows in table order; issue 13: the monitor and batch scoring of 10^6 users in bounded memory)."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    if table.num_rows <= batch_rows:
+        return score_features(model, table.to_pandas())
+    return pd.concat([score_features(model, table.slice(start, batch_rows).to_pandas())
+                      for start in range(0, table.num_rows, batch_rows)], ignore_index=True)
+
+
 def score_events(model: Any, events: str | Path | pa.Table | pd.DataFrame, as_of: dt.datetime,
                  con: Any = None) -> pd.DataFrame:
     """Score every user with an event before `as_of`: the batch, the service and the monitor use it."""
     from uservalue.features.sql import build_features
 
-    features = build_features(events, as_of, model.spec, con=con).to_pandas()
-    return score_features(model, features)
+    text_columns = tuple(getattr(model.spec, "text_columns", ()))
+    if text_columns:  # the pooled item-text columns are joined after the SQL, as featurize does (issue 23)
+        from dataclasses import replace
+
+        from uservalue.text.online import with_text_columns
+
+        features = build_features(events, as_of, replace(model.spec, text_columns=()), con=con).to_pandas()
+        return score_features(model, with_text_columns(features, events, text_columns))
+    return score_table(model, build_features(events, as_of, model.spec, con=con))
 
 
 @dataclass(frozen=True)

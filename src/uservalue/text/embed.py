@@ -10,6 +10,7 @@ loading the model: the default pipeline pays nothing for the stage."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -53,10 +54,40 @@ def output_dim(cfg: EmbedItemsParams) -> int:
     return cfg.pca_dim or DIM
 
 
-def vectors_schema(dim: int) -> pa.Schema:
+@dataclass(frozen=True)
+class TextFeatureSpec:
+    """Which pooled text features the vectors are for (embed_items.feature_*): the mean of each user's last
+    `last` items' vectors per behaviour of `behaviors`, leading `dim` components. Kept in the vectors file's
+    metadata, so featurize (batch) and the service (online) read one definition from one file."""
+
+    behaviors: tuple[str, ...]
+    last: int
+    dim: int
+
+    @classmethod
+    def from_params(cls, cfg: EmbedItemsParams) -> TextFeatureSpec:
+        return cls(tuple(cfg.feature_behaviors), cfg.feature_last, min(cfg.feature_dim, output_dim(cfg)))
+
+
+def vectors_schema(dim: int, features: TextFeatureSpec | None = None) -> pa.Schema:
+    metadata = {b"model": model_id().encode(), b"dim": str(dim).encode()}
+    if features is not None:
+        metadata[b"text_features"] = json.dumps(asdict(features)).encode()
     return pa.schema([pa.field("item_id", pa.string(), nullable=False),
-                      pa.field(VECTOR, pa.list_(pa.float32(), dim), nullable=False)],
-                     metadata={b"model": model_id().encode(), b"dim": str(dim).encode()})
+                      pa.field(VECTOR, pa.list_(pa.float32(), dim), nullable=False)], metadata=metadata)
+
+
+def read_text_spec(path: str | Path) -> TextFeatureSpec | None:
+    """The text features the vectors file is for; None when it was written without them."""
+    raw = (pq.read_schema(path).metadata or {}).get(b"text_features")
+    if raw is None:
+        return None
+    try:
+        values = json.loads(raw)
+        return TextFeatureSpec(tuple(values["behaviors"]), int(values["last"]), int(values["dim"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(path, f"unreadable text_features metadata ({error})",
+                         expected="the embed_items stage's output") from None
 
 
 def text_hash(text: str) -> str:
@@ -135,9 +166,9 @@ def reduce(vectors: np.ndarray, dim: int | None, seed: int = 0) -> np.ndarray:
     return out
 
 
-def write_empty(out: Path, dim: int) -> None:
+def write_empty(out: Path, dim: int, features: TextFeatureSpec | None = None) -> None:
     with atomic_path(out) as tmp:
-        pq.write_table(vectors_schema(dim).empty_table(), tmp)
+        pq.write_table(vectors_schema(dim, features).empty_table(), tmp)
 
 
 Log = Callable[[str], None]
@@ -151,7 +182,7 @@ def embed_items(events: str | Path, out: str | Path, cfg: EmbedItemsParams, log:
     if table is None or table.num_rows == 0:
         reason = (f"the events have no {ITEM_TEXT} column (map one with data.file.columns.{ITEM_TEXT})"
                   if table is None else f"no item has a non-empty {ITEM_TEXT}")
-        write_empty(out, dim)
+        write_empty(out, dim, TextFeatureSpec.from_params(cfg))
         log(f"embed_items: skipped, {reason}; wrote an empty {out}")
         return EmbedSummary(0, 0, 0, 0, dim, round(time.perf_counter() - started, 3), 0.0, 0.0, None, model_id(),
                             skipped=reason)
@@ -177,7 +208,8 @@ def embed_items(events: str | Path, out: str | Path, cfg: EmbedItemsParams, log:
     matrix = reduced[[row[h] for h in hashes]]
     with atomic_path(out) as tmp:
         pq.write_table(pa.table({"item_id": table.column("item_id"), VECTOR: _fixed_list(matrix)},
-                                schema=vectors_schema(matrix.shape[1])), tmp, compression="zstd")
+                                schema=vectors_schema(matrix.shape[1], TextFeatureSpec.from_params(cfg))), tmp,
+                       compression="zstd")
     rate = len(todo) / embed_seconds if embed_seconds > 0 else 0.0
     summary = EmbedSummary(table.num_rows, len(distinct), len(todo), len(distinct) - len(todo), int(matrix.shape[1]),
                            round(time.perf_counter() - started, 3), round(embed_seconds, 3), round(rate, 1),
@@ -188,5 +220,5 @@ def embed_items(events: str | Path, out: str | Path, cfg: EmbedItemsParams, log:
     return summary
 
 
-__all__ = ["VECTOR", "EmbedSummary", "VectorCache", "embed_items", "item_texts", "read_item_vectors", "reduce",
-           "text_hash", "vectors_schema", "write_empty"]
+__all__ = ["VECTOR", "EmbedSummary", "TextFeatureSpec", "VectorCache", "embed_items", "item_texts",
+           "read_item_vectors", "read_text_spec", "reduce", "text_hash", "vectors_schema", "write_empty"]

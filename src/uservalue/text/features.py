@@ -6,15 +6,20 @@ and for scoring alike (same events, same vectors, same cutoff -> same columns)."
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from uservalue.duck import connect, sql_string
-from uservalue.text.embed import read_item_vectors
+from uservalue.errors import InputError
+from uservalue.io import atomic_dir
+from uservalue.text.embed import read_item_vectors, read_text_spec
 
 PREFIX = "text_"
 
@@ -81,4 +86,68 @@ def add_text_features(features: pd.DataFrame, events: str | Path, item_vectors: 
     return joined
 
 
-__all__ = ["PREFIX", "add_text_features", "text_feature_columns", "user_text_features"]
+def _cutoff_micros(values: pd.Series | pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        values = values.to_pandas()
+    return pd.to_datetime(values, utc=True).to_numpy(dtype="datetime64[us]").astype(np.int64)
+
+
+def join_text_feature_sets(features_dir: str | Path, events: str | Path, item_vectors: str | Path,
+                           log: Callable[[str], None] = lambda _: None) -> dict[str, int] | None:
+    """The featurize stage's text join: append the pooled text columns (the vectors file's TextFeatureSpec)
+    to every feature set of `features_dir` and name them in meta.json's spec (`text_columns`), so training,
+    evaluation and serving read them as aggregates. Rows and every other column stay as they were; the
+    folder is swapped in at once (uservalue.io.atomic_dir). Without vectors (a log without item text: CDNOW,
+    Taobao, the default synthetic) nothing is touched and None is returned."""
+    import shutil
+
+    from uservalue.features.store import META_FILE, SPLITS, read_meta, write_meta
+
+    features_dir, item_vectors = Path(features_dir), Path(item_vectors)
+    if not item_vectors.is_file():
+        raise InputError(item_vectors, "file does not exist", expected="the embed_items stage's output")
+    if pq.read_metadata(item_vectors).num_rows == 0:
+        log(f"text features: none ({item_vectors} has no vectors: the log has no item text)")
+        return None
+    spec = read_text_spec(item_vectors)
+    if spec is None:
+        raise InputError(item_vectors, "no text_features metadata", expected="the embed_items stage's output "
+                                                                             "(re-run `dvc repro embed_items`)")
+    meta = read_meta(features_dir)
+    columns: list[str] = []
+    rows: dict[str, int] = {}
+    with atomic_dir(features_dir) as tmp:
+        for name in SPLITS:
+            source = features_dir / f"{name}.parquet"
+            if not source.is_file():
+                continue
+            keys = pq.read_table(source, columns=["cutoff", "user_id"]).to_pandas()
+            cutoffs = sorted(pd.to_datetime(keys["cutoff"], utc=True).unique())
+            text = user_text_features(events, item_vectors, [pd.Timestamp(c).to_pydatetime() for c in cutoffs],
+                                      spec.behaviors, spec.last, spec.dim)
+            columns = [c for c in text.columns if c.startswith(PREFIX)]
+            index = pd.MultiIndex.from_arrays([_cutoff_micros(text["cutoff"]), text["user_id"].astype(str)])
+            matrix = np.vstack([text[columns].to_numpy(np.float64), np.zeros((1, len(columns)))])  # last: none
+            file = pq.ParquetFile(source)
+            schema = file.schema_arrow
+            for column in columns:
+                schema = schema.append(pa.field(column, pa.float64()))
+            with pq.ParquetWriter(tmp / source.name, schema, compression="zstd") as writer:
+                for batch in file.iter_batches(batch_size=65_536):
+                    found = index.get_indexer(pd.MultiIndex.from_arrays(
+                        [_cutoff_micros(batch.column("cutoff")), batch.column("user_id").to_pandas().astype(str)]))
+                    values = matrix[np.where(found < 0, len(matrix) - 1, found)]
+                    arrays = [*batch.columns, *(pa.array(values[:, j]) for j in range(len(columns)))]
+                    writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+            rows[name] = file.metadata.num_rows
+        for other in features_dir.iterdir():  # anything else beside the sets (kept as it is)
+            if other.name not in {f"{n}.parquet" for n in rows} | {META_FILE} and other.is_file():
+                shutil.copy2(other, tmp / other.name)
+        text_spec = dataclasses.replace(meta.spec, text_columns=tuple(columns))
+        write_meta(tmp, meta.model_copy(update={"spec": text_spec, "aggregate_columns": text_spec.aggregate_columns()}))
+    log(f"text features: {len(columns)} columns ({', '.join(spec.behaviors)}; last {spec.last}, {spec.dim} "
+        f"components) joined onto " + ", ".join(f"{k}={v:,} rows" for k, v in rows.items()))
+    return rows
+
+
+__all__ = ["PREFIX", "add_text_features", "join_text_feature_sets", "text_feature_columns", "user_text_features"]

@@ -145,12 +145,15 @@ def _block(plan: _Plan, block: int) -> tuple[pa.Table, pd.DataFrame]:
     lean = np.zeros(n_users)
     convert_scale = price_scale = 1.0
     if plan.titles is not None:  # its own stream: the draws of everything else stay as they were
-        lean, item = plan.titles.lean_towards_value(cfg, block, owner, category, item, spend)
+        lean, item = plan.titles.lean_towards_value(cfg, block, owner, category, item, spend, day, birth, end)
         convert_scale, price_scale = plan.titles.buy_scale[item], plan.titles.price_scale
 
     # --- purchases caused by them (the planted influence) ----------------------------
     converts = rng.random(owner.size) < plan.influence[kind] * convert_scale
     buy_day = day[converts] + rng.exponential(cfg.purchase_delay_days, int(converts.sum()))
+    if plan.titles is not None and plan.titles.considers:  # value items bought later (titles.consider_days;
+        # a purchase after the user's end is lost, so the other purchases' price noise is drawn anew)
+        buy_day = buy_day + plan.titles.consider_delay(cfg, block, item[converts])
     keep = buy_day < end[owner[converts]]
     buy_owner = owner[converts][keep]
     buy_day = buy_day[keep]
@@ -236,17 +239,34 @@ class _Titles:
         # value_ranks[c, j]: the rank of category c's j-th value item (j < value_counts[c]; padded after).
         self.value_ranks = np.argsort(~ranks, axis=1, kind="stable")
         self.value_words = [str(w) for w in vocabulary[:titles.value_words]]
+        self.considers = titles.consider_days > 0
+
+    def consider_delay(self, cfg: SyntheticSource, block: int, bought: np.ndarray) -> np.ndarray:
+        """Extra days before each purchase of `bought` items: exponential, mean consider_days per value word."""
+        assert cfg.titles is not None
+        own = np.random.default_rng(np.random.SeedSequence([cfg.seed, block, TITLE_STREAM, 2]))
+        return own.exponential(1.0, bought.size) * cfg.titles.consider_days * self.value[bought]
 
     def lean_towards_value(self, cfg: SyntheticSource, block: int, owner: np.ndarray, category: np.ndarray,
-                           item: np.ndarray, spend: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(each user's lean, the events' items with the leaning ones moved to a value item of their category)."""
+                           item: np.ndarray, spend: np.ndarray, day: np.ndarray, birth: np.ndarray,
+                           end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(each user's lean, the events' items with the leaning ones moved to a value item of their category;
+        with titles.onset only the events from the user's onset day on)."""
         assert cfg.titles is not None
         own = np.random.default_rng(np.random.SeedSequence([cfg.seed, block, TITLE_STREAM]))
         # log(spend) ~ N(log(1 + drift), 0.6): +-1 sigma spans most of [0, titles.lean]; a little noise of its own.
         level = 0.5 + (np.log(spend) - math.log1p(cfg.drift)) / 1.2 + own.normal(0, 0.1, spend.size)
+        share = cfg.titles.lean_from_spend
+        if share < 1:  # the rest independent of spend (a stream of its own: share 1 draws nothing more)
+            free = np.random.default_rng(np.random.SeedSequence([cfg.seed, block, TITLE_STREAM, 1]))
+            level = share * level + (1 - share) * free.random(spend.size)
         lean = cfg.titles.lean * np.clip(level, 0.0, 1.0)
         moved = (own.random(owner.size) < lean[owner]) & (self.value_counts[category] > 0)
         slot = (own.random(owner.size) * self.value_counts[category]).astype(np.int64)
+        if cfg.titles.onset:  # a stream of its own: without onset nothing more is drawn
+            starts = np.random.default_rng(np.random.SeedSequence([cfg.seed, block, TITLE_STREAM, 3]))
+            onset = birth + starts.random(birth.size) * (end - birth)
+            moved &= day >= onset[owner]
         chosen = category.astype(np.int64) * cfg.items_per_category + self.value_ranks[category, slot]
         return lean, np.where(moved, chosen, item)
 

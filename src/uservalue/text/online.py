@@ -1,0 +1,159 @@
+"""The pooled item-text columns online (issue 23): the same numbers as the batch join
+(uservalue.text.features.user_text_features) from the events the service holds for a user (stored, sent,
+or both), for a model whose FeatureSpec names text columns. features.online.online_arrays calls
+`pooled_text_columns` once per batch; nothing here runs for a model without text columns.
+
+The vectors: those `install_item_vectors` loaded, else the embed_items output of the project
+(`$USERVALUE_ITEM_VECTORS`, else `$USERVALUE_PROJECT_DIR/data/item_vectors.parquet`, else
+`data/item_vectors.parquet` under the working directory), read once per process and file version. The
+vectors file says which features it is for (behaviours, last L, components: TextFeatureSpec); it must give
+exactly the model's text columns, else a ConfigError says what differs."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uservalue.errors import ConfigError
+from uservalue.text.embed import TextFeatureSpec, read_item_vectors, read_text_spec
+
+DEFAULT_VECTORS = Path("data") / "item_vectors.parquet"
+ENV_VECTORS = "USERVALUE_ITEM_VECTORS"
+ENV_PROJECT = "USERVALUE_PROJECT_DIR"
+
+
+@dataclass(frozen=True)
+class ItemVectors:
+    """item_id -> row of `matrix` (rows in item_id order, as embed_items writes them), and the features."""
+
+    path: Path
+    row: dict[str, int]
+    matrix: np.ndarray  # float32 [items, dim]
+    spec: TextFeatureSpec
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        from uservalue.text.features import text_feature_columns
+
+        dim = min(self.spec.dim, self.matrix.shape[1])
+        return tuple(text_feature_columns(self.spec.behaviors, dim))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ItemVectors:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: the model reads item-text columns but the item vectors file does not exist "
+                              f"(run the embed_items stage, or set {ENV_VECTORS})")
+        spec = read_text_spec(path)
+        if spec is None:
+            raise ConfigError(f"{path}: no text_features metadata (re-run `dvc repro embed_items`)")
+        items, matrix = read_item_vectors(path)
+        return cls(path, {item: i for i, item in enumerate(items)}, matrix, spec)
+
+
+_lock = threading.Lock()
+_installed: ItemVectors | None = None
+_loaded: dict[tuple[str, int, int], ItemVectors] = {}
+
+
+def install_item_vectors(path: str | Path | None) -> ItemVectors | None:
+    """Use the vectors of `path` for every model with text columns in this process (None: back to the default)."""
+    global _installed
+    with _lock:
+        _installed = None if path is None else ItemVectors.load(path)
+        return _installed
+
+
+def default_vectors_path() -> Path:
+    if os.environ.get(ENV_VECTORS):
+        return Path(os.environ[ENV_VECTORS])
+    return Path(os.environ.get(ENV_PROJECT) or ".") / DEFAULT_VECTORS
+
+
+def item_vectors_for(text_columns: Sequence[str]) -> ItemVectors:
+    """The vectors that give exactly `text_columns` (a ConfigError otherwise)."""
+    vectors = _installed
+    if vectors is None:
+        path = default_vectors_path()
+        try:
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            key = (str(path), 0, 0)
+        with _lock:
+            vectors = _loaded.get(key)
+            if vectors is None:
+                vectors = ItemVectors.load(path)
+                _loaded.clear()
+                _loaded[key] = vectors
+    if vectors.columns != tuple(text_columns):
+        raise ConfigError(f"{vectors.path}: its text features ({', '.join(vectors.spec.behaviors)}; "
+                          f"{vectors.spec.dim} components) are not the model's text columns "
+                          f"({len(text_columns)}: {', '.join(list(text_columns)[:3])}, ...): score with the vectors "
+                          f"the model was trained with")
+    return vectors
+
+
+def pooled_text_columns(text_columns: Sequence[str], events: Any, T: float, users: np.ndarray) -> dict[str, np.ndarray]:
+    """`text_columns` for `users` (the output rows, sorted user ids) from `events` (features.online.EventColumns)
+    before epoch second `T`: per behaviour the mean of the vectors of the user's last L items with a vector
+    (latest first, ties by item_id), 0 where the user has none; float64, as the batch join."""
+    vectors = item_vectors_for(text_columns)
+    spec, dim = vectors.spec, min(vectors.spec.dim, vectors.matrix.shape[1])
+    n_users, n_behaviors = len(users), len(spec.behaviors)
+    out = np.zeros((n_users, n_behaviors, dim), np.float64)
+    behavior_id = {b: i for i, b in enumerate(spec.behaviors)}
+    t = np.asarray(events.t, dtype=np.float64)
+    keep = np.flatnonzero(t < T)
+    rows = np.array([vectors.row.get(i, -1) if i is not None else -1 for i in events.item_id[keep]], dtype=np.int64)
+    behaviors = np.array([behavior_id.get(b, -1) for b in events.behavior[keep]], dtype=np.int64)
+    user_row = {u: i for i, u in enumerate(users)}
+    owners = np.array([user_row.get(u, -1) for u in events.user_id[keep]], dtype=np.int64)
+    use = (rows >= 0) & (behaviors >= 0) & (owners >= 0)
+    keep, rows, behaviors, owners = keep[use], rows[use], behaviors[use], owners[use]
+    if len(keep):
+        # Group by (user, behaviour), latest first, ties by item_id (the rows are in item_id order).
+        order = np.lexsort((rows, -t[keep], behaviors, owners))
+        group = owners[order] * n_behaviors + behaviors[order]
+        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        position = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        chosen = order[position < spec.last]
+        flat = owners[chosen] * n_behaviors + behaviors[chosen]
+        sums = np.zeros((n_users * n_behaviors, dim), np.float64)
+        np.add.at(sums, flat, vectors.matrix[rows[chosen], :dim])
+        counts = np.bincount(flat, minlength=n_users * n_behaviors)
+        out = (sums / np.maximum(counts, 1)[:, None]).reshape(n_users, n_behaviors, dim)
+    flat_out = out.reshape(n_users, n_behaviors * dim)
+    return {column: flat_out[:, j] for j, column in enumerate(text_columns)}
+
+
+__all__ = ["ItemVectors", "default_vectors_path", "install_item_vectors", "item_vectors_for", "pooled_text_columns"]
+
+
+def with_text_columns(features: Any, events: Any, text_columns: Sequence[str]) -> Any:
+    """Batch feature rows (a DataFrame of user_id at cutoff) with the model's text columns joined from the
+    project's item vectors: what `score` and the monitor score a text model with (the featurize join's numbers)."""
+    import tempfile
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from uservalue.text.features import add_text_features
+
+    vectors = item_vectors_for(text_columns)
+    spec = vectors.spec
+    if isinstance(events, str | Path):
+        return add_text_features(features, events, vectors.path, spec.behaviors, spec.last, spec.dim)
+    with tempfile.TemporaryDirectory(prefix="uservalue-text-") as tmp:  # the join reads events from Parquet
+        path = Path(tmp) / "events.parquet"
+        table = events if isinstance(events, pa.Table) else pa.Table.from_pandas(pd.DataFrame(events),
+                                                                                  preserve_index=False)
+        pq.write_table(table, path)
+        return add_text_features(features, path, vectors.path, spec.behaviors, spec.last, spec.dim)
