@@ -152,3 +152,52 @@ def test_online_text_columns_equal_the_batch_join_by_id_and_by_events(titled, tm
             online_arrays(event_columns(events.head(50)), cutoff, meta.spec)
     finally:
         install_item_vectors(None)
+
+
+def test_a_saved_text_model_carries_its_vectors_and_refuses_stale_ones(titled, tmp_path: Path) -> None:
+    """A model trained on text columns saves the vectors it was trained with (its MLflow artifact and the Bento
+    then serve without the project), and scores with them after embed_items has written other vectors; vectors
+    of another digest than the model's are refused, not silently used."""
+    import dataclasses
+    import shutil
+
+    from uservalue.errors import ConfigError
+    from uservalue.features.online import event_columns, online_arrays
+    from uservalue.models.base import FitContext
+    from uservalue.models.catalog import create_model, load_model
+    from uservalue.text.embed import file_digest
+    from uservalue.text.online import ITEM_VECTORS_FILE, install_item_vectors
+
+    features = tmp_path / "features"
+    shutil.copytree(titled["plain"], features)
+    join_text_feature_sets(features, titled["events"], titled["vectors"])
+    meta = read_meta(features)
+    assert meta.spec.text_vectors == file_digest(titled["vectors"])
+    holdout = read_features(features, "eval")
+    events = event_columns(pd.read_parquet(titled["events"]))
+    model = create_model("linear", {}, meta.spec, meta.horizon_days)
+    model.fit(read_features(features, "train"), FitContext(seed=0, device="cpu"))
+    saved = tmp_path / "model"
+    install_item_vectors(titled["vectors"])  # the project's vectors at training time
+    try:
+        model.save(saved)
+        before = model.predict_arrays(online_arrays(events, meta.eval_cutoff, meta.spec)).expected_value
+    finally:
+        install_item_vectors(None)
+    assert (saved / ITEM_VECTORS_FILE).read_bytes() == titled["vectors"].read_bytes()
+    # embed_items ran again with other settings: the project's vectors are no longer the model's.
+    later = tmp_path / "later.parquet"
+    embed_items(titled["events"], later, EmbedItemsParams(cache_dir=str(titled["dir"] / "cache"), device="cpu",
+                                                          **{**TEXT, "pca_dim": 6}))
+    install_item_vectors(later)
+    try:
+        loaded = load_model(saved)  # registers the copy it carries
+        after = loaded.predict_arrays(online_arrays(events, meta.eval_cutoff, loaded.spec)).expected_value
+        np.testing.assert_array_equal(after, before)
+        np.testing.assert_allclose(before, model.predict(holdout.sort_values("user_id"))["expected_value"].to_numpy(),
+                                   rtol=1e-9)
+        stale = dataclasses.replace(meta.spec, text_vectors="0" * 64)  # a model whose copy is not here
+        with pytest.raises(ConfigError, match="not the ones the model was trained with"):
+            online_arrays(events, meta.eval_cutoff, stale)
+    finally:
+        install_item_vectors(None)

@@ -524,7 +524,7 @@ def online_arrays(events: EventColumns, as_of: dt.datetime, spec: FeatureSpec = 
     if spec.text_columns:  # the pooled item-text vectors, as the batch join (issue 23; uservalue.text.online)
         from uservalue.text.online import pooled_text_columns
 
-        cols.update(pooled_text_columns(spec.text_columns, events, T, users))
+        cols.update(pooled_text_columns(spec.text_columns, events, T, users, spec.text_vectors))
 
     dtypes = plan.dtypes
     return FeatureArrays(spec, users, np.full(U, int(T * 1_000_000), dtype=np.int64),

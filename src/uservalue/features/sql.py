@@ -52,6 +52,9 @@ class FeatureSpec:
     # Per-user text columns joined after the SQL (uservalue.text.features; issue 23): models read them as
     # aggregates. Empty in the feature sets the featurize stage writes (it joins no text yet).
     text_columns: tuple[str, ...] = ()
+    # sha256 of the item vectors file those columns come from: a model scores with exactly the vectors it was
+    # trained with (it saves a copy; uservalue.text.online), never a later embed_items run's.
+    text_vectors: str = ""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> FeatureSpec:

@@ -233,6 +233,8 @@ class ValueModel(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._save_state(directory)
+        if self.spec.text_columns:  # the item vectors it was trained with travel with it (MLflow artifact, Bento)
+            self._save_item_vectors(directory)
         (directory / MODEL_FILE).write_text(
             json.dumps(
                 {
@@ -246,6 +248,15 @@ class ValueModel(ABC):
             )
         )
 
+    def _save_item_vectors(self, directory: Path) -> None:
+        import shutil
+
+        from uservalue.text.online import ITEM_VECTORS_FILE, item_vectors_for
+
+        source = item_vectors_for(self.spec.text_columns, self.spec.text_vectors).path
+        if source.resolve() != (directory / ITEM_VECTORS_FILE).resolve():
+            shutil.copyfile(source, directory / ITEM_VECTORS_FILE)
+
     @classmethod
     def restore(cls, directory: Path, header: dict[str, Any]) -> ValueModel:
         spec = FeatureSpec.from_dict(header["spec"])
@@ -254,6 +265,11 @@ class ValueModel(ABC):
         known = {k: v for k, v in header["params"].items() if k in cls.Params.model_fields}
         model = cls(cls.Params.model_validate(known), spec, header["horizon_days"])
         model._load_state(directory)
+        if spec.text_columns:
+            from uservalue.text.online import ITEM_VECTORS_FILE, register_item_vectors
+
+            if (directory / ITEM_VECTORS_FILE).is_file():  # saved before 2026-12 without its copy: the project's
+                register_item_vectors(directory / ITEM_VECTORS_FILE, spec.text_vectors)
         if header.get("influence") and "effect" in header["influence"]:
             model.set_influence(influence_lib.InfluenceTables.from_dict(header["influence"]))
         return model

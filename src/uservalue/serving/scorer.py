@@ -67,7 +67,7 @@ def score_events(model: Any, events: str | Path | pa.Table | pd.DataFrame, as_of
         from uservalue.text.online import with_text_columns
 
         features = build_features(events, as_of, replace(model.spec, text_columns=()), con=con).to_pandas()
-        return score_features(model, with_text_columns(features, events, text_columns))
+        return score_features(model, with_text_columns(features, events, text_columns, model.spec.text_vectors))
     return score_table(model, build_features(events, as_of, model.spec, con=con))
 
 

@@ -3,11 +3,15 @@
 or both), for a model whose FeatureSpec names text columns. features.online.online_arrays calls
 `pooled_text_columns` once per batch; nothing here runs for a model without text columns.
 
-The vectors: those `install_item_vectors` loaded, else the embed_items output of the project
+Which vectors: a model's FeatureSpec names the sha256 of the vectors file it was trained with
+(`text_vectors`), and the saved model carries a copy (ITEM_VECTORS_FILE, so the MLflow artifact and the
+Bento serve without the project); loading it registers that copy (`register_item_vectors`). Without a
+registered copy: those `install_item_vectors` loaded, else the embed_items output of the project
 (`$USERVALUE_ITEM_VECTORS`, else `$USERVALUE_PROJECT_DIR/data/item_vectors.parquet`, else
-`data/item_vectors.parquet` under the working directory), read once per process and file version. The
-vectors file says which features it is for (behaviours, last L, components: TextFeatureSpec); it must give
-exactly the model's text columns, else a ConfigError says what differs."""
+`data/item_vectors.parquet` under the working directory), read once per process and file version, and
+refused when its digest is not the model's (a later embed_items run: stale vectors would give other numbers).
+The vectors file says which features it is for (behaviours, last L, components: TextFeatureSpec); it must
+give exactly the model's text columns, else a ConfigError says what differs."""
 
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from uservalue.errors import ConfigError
-from uservalue.text.embed import TextFeatureSpec, read_item_vectors, read_text_spec
+from uservalue.text.embed import TextFeatureSpec, file_digest, read_item_vectors, read_text_spec
 
 DEFAULT_VECTORS = Path("data") / "item_vectors.parquet"
+ITEM_VECTORS_FILE = "item_vectors.parquet"  # the copy inside a saved model's directory
 ENV_VECTORS = "USERVALUE_ITEM_VECTORS"
 ENV_PROJECT = "USERVALUE_PROJECT_DIR"
 
@@ -36,6 +41,7 @@ class ItemVectors:
     row: dict[str, int]
     matrix: np.ndarray  # float32 [items, dim]
     spec: TextFeatureSpec
+    digest: str  # sha256 of the file (FeatureSpec.text_vectors of the features made from it)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -54,12 +60,25 @@ class ItemVectors:
         if spec is None:
             raise ConfigError(f"{path}: no text_features metadata (re-run `dvc repro embed_items`)")
         items, matrix = read_item_vectors(path)
-        return cls(path, {item: i for i, item in enumerate(items)}, matrix, spec)
+        return cls(path, {item: i for i, item in enumerate(items)}, matrix, spec, file_digest(path))
 
 
 _lock = threading.Lock()
 _installed: ItemVectors | None = None
 _loaded: dict[tuple[str, int, int], ItemVectors] = {}
+_registered: dict[str, ItemVectors] = {}  # digest -> the copy a loaded model carries
+
+
+def register_item_vectors(path: str | Path, digest: str = "") -> ItemVectors:
+    """Make the vectors of `path` (a saved model's copy) the ones for features of their digest in this
+    process; `digest`: the one the model expects (a ConfigError when the file is not it)."""
+    vectors = ItemVectors.load(path)
+    if digest and vectors.digest != digest:
+        raise ConfigError(f"{path}: these item vectors (sha256 {vectors.digest[:12]}) are not the ones the model was "
+                          f"trained with ({digest[:12]}): the model directory was altered")
+    with _lock:
+        _registered[vectors.digest] = vectors
+    return vectors
 
 
 def install_item_vectors(path: str | Path | None) -> ItemVectors | None:
@@ -76,9 +95,12 @@ def default_vectors_path() -> Path:
     return Path(os.environ.get(ENV_PROJECT) or ".") / DEFAULT_VECTORS
 
 
-def item_vectors_for(text_columns: Sequence[str]) -> ItemVectors:
-    """The vectors that give exactly `text_columns` (a ConfigError otherwise)."""
-    vectors = _installed
+def item_vectors_for(text_columns: Sequence[str], digest: str = "") -> ItemVectors:
+    """The vectors that give exactly `text_columns`, of sha256 `digest` when one is given (a ConfigError
+    otherwise): a registered model copy first, then the installed or the project's file."""
+    vectors = _registered.get(digest) if digest else None
+    if vectors is None:
+        vectors = _installed
     if vectors is None:
         path = default_vectors_path()
         try:
@@ -92,6 +114,10 @@ def item_vectors_for(text_columns: Sequence[str]) -> ItemVectors:
                 vectors = ItemVectors.load(path)
                 _loaded.clear()
                 _loaded[key] = vectors
+    if digest and vectors.digest != digest:
+        raise ConfigError(f"{vectors.path}: these item vectors (sha256 {vectors.digest[:12]}) are not the ones the "
+                          f"model was trained with ({digest[:12]}; embed_items has run since): load the model from "
+                          f"its directory (it carries its own copy, {ITEM_VECTORS_FILE}) or retrain it")
     if vectors.columns != tuple(text_columns):
         raise ConfigError(f"{vectors.path}: its text features ({', '.join(vectors.spec.behaviors)}; "
                           f"{vectors.spec.dim} components) are not the model's text columns "
@@ -100,11 +126,12 @@ def item_vectors_for(text_columns: Sequence[str]) -> ItemVectors:
     return vectors
 
 
-def pooled_text_columns(text_columns: Sequence[str], events: Any, T: float, users: np.ndarray) -> dict[str, np.ndarray]:
+def pooled_text_columns(text_columns: Sequence[str], events: Any, T: float, users: np.ndarray,
+                        digest: str = "") -> dict[str, np.ndarray]:
     """`text_columns` for `users` (the output rows, sorted user ids) from `events` (features.online.EventColumns)
     before epoch second `T`: per behaviour the mean of the vectors of the user's last L items with a vector
     (latest first, ties by item_id), 0 where the user has none; float64, as the batch join."""
-    vectors = item_vectors_for(text_columns)
+    vectors = item_vectors_for(text_columns, digest)
     spec, dim = vectors.spec, min(vectors.spec.dim, vectors.matrix.shape[1])
     n_users, n_behaviors = len(users), len(spec.behaviors)
     out = np.zeros((n_users, n_behaviors, dim), np.float64)
@@ -133,10 +160,11 @@ def pooled_text_columns(text_columns: Sequence[str], events: Any, T: float, user
     return {column: flat_out[:, j] for j, column in enumerate(text_columns)}
 
 
-__all__ = ["ItemVectors", "default_vectors_path", "install_item_vectors", "item_vectors_for", "pooled_text_columns"]
+__all__ = ["ITEM_VECTORS_FILE", "ItemVectors", "default_vectors_path", "install_item_vectors", "item_vectors_for",
+           "pooled_text_columns", "register_item_vectors", "with_text_columns"]
 
 
-def with_text_columns(features: Any, events: Any, text_columns: Sequence[str]) -> Any:
+def with_text_columns(features: Any, events: Any, text_columns: Sequence[str], digest: str = "") -> Any:
     """Batch feature rows (a DataFrame of user_id at cutoff) with the model's text columns joined from the
     project's item vectors: what `score` and the monitor score a text model with (the featurize join's numbers)."""
     import tempfile
@@ -147,7 +175,7 @@ def with_text_columns(features: Any, events: Any, text_columns: Sequence[str]) -
 
     from uservalue.text.features import add_text_features
 
-    vectors = item_vectors_for(text_columns)
+    vectors = item_vectors_for(text_columns, digest)
     spec = vectors.spec
     if isinstance(events, str | Path):
         return add_text_features(features, events, vectors.path, spec.behaviors, spec.last, spec.dim)
