@@ -19,7 +19,7 @@ from uservalue.data.sources.synthetic import generate
 from uservalue.errors import InputError
 from uservalue.lifecycle.context import StageContext
 from uservalue.lifecycle.recs_registry import CHALLENGER, CHAMPION, decide_recs, load_recs_version
-from uservalue.lifecycle.train_recs import run_train_recs
+from uservalue.lifecycle.train_recs import read_events, run_train_recs
 from uservalue.recs.base import load_recommender
 from uservalue.recs.catalog import RECOMMENDERS, create_recommender
 from uservalue.recs.evaluate import (
@@ -209,6 +209,22 @@ def test_train_recs_stage_registers_the_best_through_the_gate(world: tuple[Path,
     third = stage({"popularity": {}})
     assert third["registry"]["decision"]["alias"] == CHALLENGER
     assert client.get_model_version_by_alias("user-recs", CHAMPION).version == champion.version
+
+
+def test_max_train_users_reads_whole_users_of_a_seeded_sample(world: tuple[Path, Path]) -> None:
+    """recs.max_train_users (issue 13: the stage's memory on a big log): the events of a sample of whole users,
+    filtered while the file is scanned, the same sample for the same seed; no sampling when the users fit."""
+    events_path, _ = world
+    until = pd.Timestamp(CUTOFF) + pd.Timedelta(days=HORIZON)
+    everything = read_events(events_path, until)
+    sampled = read_events(events_path, until, max_users=100, seed=3)
+    users = set(sampled["user_id"])
+    assert len(users) == 100 and users < set(everything["user_id"])
+    pd.testing.assert_frame_equal(sampled.reset_index(drop=True),  # every event of each sampled user, in file order
+                                  everything[everything["user_id"].isin(users)].reset_index(drop=True))
+    pd.testing.assert_frame_equal(read_events(events_path, until, max_users=100, seed=3), sampled)
+    assert set(read_events(events_path, until, max_users=100, seed=4)["user_id"]) != users
+    pd.testing.assert_frame_equal(read_events(events_path, until, max_users=10**6, seed=3), everything)
 
 
 def test_gru_encoder_fits_saves_and_loads(events: pd.DataFrame, tmp_path: Path) -> None:

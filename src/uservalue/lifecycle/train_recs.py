@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from uservalue.errors import InputError
@@ -52,8 +54,9 @@ class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
                             columns=["user_id", "rank", "item_id", "score"])
 
 
-def read_events(path: Path, until: pd.Timestamp) -> pd.DataFrame:
-    """The canonical events before `until`, with the columns a recommender reads."""
+def read_events(path: Path, until: pd.Timestamp, max_users: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """The canonical events before `until`, with the columns a recommender reads; with `max_users`, only
+    those of at most that many users (sample_user_ids), filtered while the file is scanned."""
     if not path.is_file():
         raise InputError(path, "file does not exist", expected="canonical events (Parquet), the validate stage's output")
     dataset = ds.dataset(path)
@@ -62,7 +65,27 @@ def read_events(path: Path, until: pd.Timestamp) -> pd.DataFrame:
     if missing:
         raise InputError(path, f"missing column(s) {missing}", column=missing[0], expected=f"columns {list(HISTORY_COLUMNS)}")
     bound = pa.scalar(until.to_pydatetime(), type=dataset.schema.field("ts").type)
-    return dataset.to_table(columns=columns, filter=ds.field("ts") < bound).to_pandas()
+    keep = ds.field("ts") < bound
+    sample = sample_user_ids(dataset, keep, max_users, seed)
+    if sample is not None:
+        keep = keep & ds.field("user_id").isin(pa.array(sample, type=dataset.schema.field("user_id").type))
+    return dataset.to_table(columns=columns, filter=keep).to_pandas()
+
+
+def sample_user_ids(dataset: ds.Dataset, keep: ds.Expression, max_users: int | None, seed: int) -> list[str] | None:
+    """At most `max_users` of the users with events that `keep` selects, drawn with `seed` from their sorted
+    ids (the same sample whatever the file's order); None when they are fewer (no sampling). The ids are
+    collected batch by batch: only the distinct users are held, never the events."""
+    if max_users is None:
+        return None
+    users: set[str] = set()
+    for batch in dataset.to_batches(columns=["user_id"], filter=keep):
+        users.update(pc.unique(batch.column(0)).to_pylist())
+    if len(users) <= max_users:
+        return None
+    ordered = sorted(users)
+    chosen = np.random.default_rng(seed).choice(len(ordered), max_users, replace=False)
+    return sorted(ordered[i] for i in chosen)
 
 
 def log_recommender(model_dir: Path) -> Any:
@@ -105,7 +128,7 @@ def run_train_recs(ctx: StageContext, events_path: str | Path, truth_dir: str | 
         split_params = read_split_record(split_path)
     cfg, cutoff, horizon = params.recs, split_params.eval_cutoff_utc, int(split_params.horizon_days)
     until = pd.Timestamp(cutoff) + pd.Timedelta(days=horizon)
-    events = read_events(Path(events_path), until)
+    events = read_events(Path(events_path), until, cfg.max_train_users, params.train.seed)
     if not events["item_id"].notna().any():  # e.g. CDNOW: purchases without items, nothing to recommend
         return _no_items(events_path, cutoff, horizon, models_dir, metrics_out, table_out, registry_out, cfg.model_name)
     split = time_split(events, cutoff, horizon, exclude_bought=cfg.exclude_bought,
@@ -128,7 +151,8 @@ def run_train_recs(ctx: StageContext, events_path: str | Path, truth_dir: str | 
                                  **tracking.lineage_tags(ctx.root, "validate")})
                 mlflow.log_params({**tracking.flatten(f"recs.{kind}", model.params),
                                    "split.eval_cutoff": cutoff.isoformat(), "split.horizon_days": horizon,
-                                   "recs.exclude_bought": cfg.exclude_bought, "train.seed": params.train.seed})
+                                   "recs.exclude_bought": cfg.exclude_bought, "train.seed": params.train.seed,
+                                   "recs.max_train_users": cfg.max_train_users})
 
                 def log_epoch(metrics: dict[str, float], step: int) -> None:
                     mlflow.log_metrics(metrics, step=step)
@@ -151,6 +175,7 @@ def run_train_recs(ctx: StageContext, events_path: str | Path, truth_dir: str | 
     report = {
         "eval_cutoff": cutoff.isoformat(), "horizon_days": horizon, "users": len(split.truth),
         "catalog_items": split.catalog_items, "exclude_bought": cfg.exclude_bought,
+        "train_users": int(events["user_id"].nunique()), "max_train_users": cfg.max_train_users,
         "primary_metric": primary, "champion": champion, "models": results, TRUTH_ENTRY: truth_metrics,
         "ratios": _ratios(results, champion, primary, truth_metrics),
     }
