@@ -78,7 +78,7 @@ class UserValueService:
         # one forward pass per batch instead of per request.
         self.predictor = BatchingPredictor(
             scorer, PredictionLog(settings.log_dir, settings.log_flush_records, settings.log_flush_seconds),
-            max_wait_ms=settings.batch_wait_ms, observe=batch_metrics(), inline=settings.inline)
+            max_wait_ms=settings.batch_wait_ms, observe=batch_metrics())
 
     @bentoml.api(route="/predict", input_spec=PredictRequest)
     async def predict(self, user_ids: list[Identifier], events: list[Event],

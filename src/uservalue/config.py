@@ -576,9 +576,6 @@ class ServeParams(_Section):
         5.0, ge=0, le=1000,
         description="under load, how long a batch may wait for as many requests as the previous one held "
                     "(0: never wait; a lone request never waits)")
-    inline: bool = Field(True, description="a small request that finds the service quiet is scored on the event "
-                                           "loop's thread, without the hand-off to the scoring thread "
-                                           "(docs/serving.md); false: every request through the batch queue")
     store: StoreParams = StoreParams()
 
 

@@ -246,7 +246,7 @@ def test_serve_settings_come_from_params_then_env(tmp_path: Path, monkeypatch: p
         "serve: {max_users: 7, log_dir: logs/predictions}\n"
     )
     for name in ("USERVALUE_PARAMS", "USERVALUE_MAX_USERS", "USERVALUE_BATCH_WAIT_MS", "USERVALUE_LOG_DIR",
-                 "USERVALUE_PREDICTION_LOG_DIR", "USERVALUE_INLINE"):
+                 "USERVALUE_PREDICTION_LOG_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("USERVALUE_PROJECT_DIR", str(tmp_path))
     settings = serve_settings()
@@ -268,10 +268,6 @@ def test_serve_settings_come_from_params_then_env(tmp_path: Path, monkeypatch: p
     monkeypatch.delenv("USERVALUE_MAX_USERS")
     monkeypatch.setenv("USERVALUE_BATCH_WAIT_MS", "0")
     assert serve_settings().batch_wait_ms == 0.0
-    assert serve_settings().inline is True
-    monkeypatch.setenv("USERVALUE_INLINE", "false")  # every request through the batch queue (bench/serve.py's A/B)
-    assert serve_settings().inline is False
-    monkeypatch.delenv("USERVALUE_INLINE")
     monkeypatch.setenv("USERVALUE_BATCH_WAIT_MS", "-1")
     with pytest.raises(ConfigError, match="batch_wait_ms"):
         serve_settings()

@@ -163,9 +163,7 @@ def test_concurrent_requests_are_batched_and_each_gets_what_it_gets_alone(served
                                     predictor.predict(late, as_of), return_exceptions=True)
 
     *answers, failed = asyncio.run(together())
-    # The first call finds the service quiet and is scored at once on the loop's thread; the others come
-    # right after it, queue, and are scored together.
-    assert predictor.inline_batches == 1 and predictor.largest_batch > 1
+    assert predictor.largest_batch > 1  # the first call starts a batch; the others queue behind it
     assert isinstance(failed, RequestError) and failed.status == 422 and "'late'" in failed.problem
     for (events, when), answer in zip(bodies, answers, strict=True):
         alone_as_of, alone = scorer.score(events, when)

@@ -25,16 +25,6 @@ logger = logging.getLogger(__name__)
 # scoring thread per request, on the GIL beside the event loop's HTTP work (issue 15's profile).
 LOG_ROWS = 256
 LOG_SECONDS = 0.25
-# A small request that arrives when the service is quiet (nothing queued or in flight, and neither a request
-# nor an answer for INLINE_QUIET_S) is scored on the event loop's thread: handing one user to the scoring
-# thread and back costs two thread wake-ups and a task, a noticeable share of a ~3 ms by-id answer (issue
-# 15), while blocking the loop for its ~1.5 ms of scoring delays nobody. Under concurrent load requests
-# follow each other closer than that (those that came in while one was scored inline are read right after
-# it), and queue to be scored in batches as before. One client's next request comes at least a network
-# round trip after its answer (the trivial BentoML service's whole round trip is ~1.3 ms).
-INLINE_MAX_USERS = 4
-INLINE_MAX_EVENTS = 200
-INLINE_QUIET_S = 0.0005
 
 
 class BatchingPredictor:
@@ -47,18 +37,12 @@ class BatchingPredictor:
     clients just answered need a moment to send their next request, and without the wait a steady
     load of N clients splits into a batch of 1 and a batch of N-1, paying the fixed cost twice.
     A batch holds at most `max_users` users and `max_events` events (the per-request limits);
-    scoring runs on one thread beside the event loop, which keeps accepting requests. The exception: a
-    small request (INLINE_MAX_USERS, INLINE_MAX_EVENTS) that finds the service quiet (nothing queued or
-    in flight, no other request for INLINE_QUIET_S) is scored at once on the loop's thread (`inline=False`:
-    never), the same answer without the hand-off.
+    scoring runs on one thread beside the event loop, which keeps accepting requests.
     """
 
     def __init__(self, scorer: Scorer, log: PredictionLog, max_wait_ms: float = 5.0,
-                 observe: Callable[[int, float], None] | None = None, inline: bool = True) -> None:
+                 observe: Callable[[int, float], None] | None = None) -> None:
         self.scorer = scorer
-        self.inline = inline
-        self.inline_batches = 0
-        self._last_activity = -math.inf  # loop.time() of the previous request, or of the end of an inline one
         self.log = log
         self.max_wait = max_wait_ms / 1000
         self._observe = observe  # (requests in the batch, seconds to score it), e.g. Prometheus
@@ -85,10 +69,6 @@ class BatchingPredictor:
             raise RequestError(["as_of"], str(error)) from None
         request = self.scorer.prepare(events, as_of, user_ids, explain=explain)
         loop = asyncio.get_running_loop()
-        previous, self._last_activity = self._last_activity, loop.time()
-        small = len(request.users) <= INLINE_MAX_USERS and len(request.events) <= INLINE_MAX_EVENTS
-        if small and self._quiet(self._last_activity - previous):
-            return self._score_inline(loop, request)
         answer: asyncio.Future[Any] = loop.create_future()
         self._queue.append((request, answer))
         if self._arrived is None:
@@ -97,29 +77,6 @@ class BatchingPredictor:
         if self._drainer is None or self._drainer.done():
             self._drainer = loop.create_task(self._drain())
         return await answer
-
-    def _quiet(self, since_previous: float) -> bool:
-        return (self.inline and since_previous >= INLINE_QUIET_S and not self._queue and not self._closed
-                and (self._drainer is None or self._drainer.done()))
-
-    def _score_inline(self, loop: asyncio.AbstractEventLoop, request: ScoreRequest) -> dict[str, Any]:
-        """One small request scored on this (the event loop's) thread: what _drain does for a batch of one."""
-        self.batches += 1
-        self.inline_batches += 1
-        self.largest_batch = max(self.largest_batch, 1)
-        self._expected = 1
-        started = time.perf_counter()
-        try:
-            answers, scored = self._score([request])  # its exception is this request's (a 500), as in _drain
-        finally:
-            self._last_activity = loop.time()  # what queued meanwhile is read next: not quiet
-        if self._observe is not None:
-            self._observe(1, time.perf_counter() - started)
-        if scored is not None:
-            self._defer_log(loop, scored, answers)
-        if isinstance(answers[0], BaseException):
-            raise answers[0]
-        return answers[0]
 
     async def _gather(self) -> None:
         """Wait (at most max_wait) until as many requests queue as the previous batch held."""
