@@ -50,7 +50,7 @@ class FeatureSpec:
     category_buckets: int = 1024
     item_buckets: int = 16384
     # Per-user text columns joined after the SQL (uservalue.text.features; issue 23): models read them as
-    # aggregates. Empty in the feature sets the featurize stage writes (it joins no text yet).
+    # aggregates. Empty unless the featurize stage joined item-text vectors (a log with item text).
     text_columns: tuple[str, ...] = ()
     # sha256 of the item vectors file those columns come from: a model scores with exactly the vectors it was
     # trained with (it saves a copy; uservalue.text.online), never a later embed_items run's.
