@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,3 +63,12 @@ def write_text(path: str | Path, text: str, *, mode: int | None = None) -> None:
 
 def write_json(path: str | Path, payload: Any, *, mode: int | None = None) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n", mode=mode)
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
+    """sha256 of a file's bytes, read `chunk_bytes` at a time (manifests, the item vectors a model carries)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -163,16 +163,16 @@ def test_a_saved_text_model_carries_its_vectors_and_refuses_stale_ones(titled, t
 
     from uservalue.errors import ConfigError
     from uservalue.features.online import event_columns, online_arrays
+    from uservalue.io import file_sha256
     from uservalue.models.base import FitContext
     from uservalue.models.catalog import create_model, load_model
-    from uservalue.text.embed import file_digest
     from uservalue.text.online import ITEM_VECTORS_FILE, install_item_vectors
 
     features = tmp_path / "features"
     shutil.copytree(titled["plain"], features)
     join_text_feature_sets(features, titled["events"], titled["vectors"])
     meta = read_meta(features)
-    assert meta.spec.text_vectors == file_digest(titled["vectors"])
+    assert meta.spec.text_vectors == file_sha256(titled["vectors"])
     holdout = read_features(features, "eval")
     events = event_columns(pd.read_parquet(titled["events"]))
     model = create_model("linear", {}, meta.spec, meta.horizon_days)

@@ -33,11 +33,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from uservalue.errors import ConfigError, InputError
-from uservalue.io import write_json
+from uservalue.io import file_sha256, write_json
 
 FORMAT = "uservalue.parquet-manifest/1"
 SUFFIX = ".manifest.json"
-CHUNK = 8 << 20  # bytes read at a time when hashing a file
 FOOTER_TAIL = 8  # a Parquet file ends with the footer's length (4 bytes, little-endian) and b"PAR1"
 
 
@@ -98,14 +97,6 @@ def external_target(out: str | Path, root: str | None) -> Path:
     folder = external_root(root, out)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / (Path(out).name.removesuffix(SUFFIX) + ".parquet")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def footer_sha256(path: Path) -> str:

@@ -152,16 +152,6 @@ def read_item_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
     return table.column("item_id").to_pylist(), _matrix(table.column(VECTOR), dim)
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a vectors file's bytes: which vectors a feature set's text columns (FeatureSpec.text_vectors)
-    and a model trained on them came from."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def reduce(vectors: np.ndarray, dim: int | None, seed: int = 0) -> np.ndarray:
     """PCA to `dim` components (zero-padded when the texts are fewer), or the vectors as they are."""
     if not dim or dim >= vectors.shape[1]:
@@ -230,5 +220,5 @@ def embed_items(events: str | Path, out: str | Path, cfg: EmbedItemsParams, log:
     return summary
 
 
-__all__ = ["VECTOR", "EmbedSummary", "TextFeatureSpec", "VectorCache", "embed_items", "file_digest",
-           "item_texts", "read_item_vectors", "read_text_spec", "reduce", "text_hash", "vectors_schema", "write_empty"]
+__all__ = ["VECTOR", "EmbedSummary", "TextFeatureSpec", "VectorCache", "embed_items", "item_texts",
+           "read_item_vectors", "read_text_spec", "reduce", "text_hash", "vectors_schema", "write_empty"]

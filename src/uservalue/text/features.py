@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from uservalue.duck import connect, sql_string
 from uservalue.errors import InputError
-from uservalue.io import atomic_dir
-from uservalue.text.embed import file_digest, read_item_vectors, read_text_spec
+from uservalue.io import atomic_dir, file_sha256
+from uservalue.text.embed import read_item_vectors, read_text_spec
 
 PREFIX = "text_"
 
@@ -143,7 +143,7 @@ def join_text_feature_sets(features_dir: str | Path, events: str | Path, item_ve
         for other in features_dir.iterdir():  # anything else beside the sets (kept as it is)
             if other.name not in {f"{n}.parquet" for n in rows} | {META_FILE} and other.is_file():
                 shutil.copy2(other, tmp / other.name)
-        text_spec = dataclasses.replace(meta.spec, text_columns=tuple(columns), text_vectors=file_digest(item_vectors))
+        text_spec = dataclasses.replace(meta.spec, text_columns=tuple(columns), text_vectors=file_sha256(item_vectors))
         write_meta(tmp, meta.model_copy(update={"spec": text_spec, "aggregate_columns": text_spec.aggregate_columns()}))
     log(f"text features: {len(columns)} columns ({', '.join(spec.behaviors)}; last {spec.last}, {spec.dim} "
         f"components) joined onto " + ", ".join(f"{k}={v:,} rows" for k, v in rows.items()))

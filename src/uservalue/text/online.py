@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from uservalue.errors import ConfigError
-from uservalue.text.embed import TextFeatureSpec, file_digest, read_item_vectors, read_text_spec
+from uservalue.io import file_sha256
+from uservalue.text.embed import TextFeatureSpec, read_item_vectors, read_text_spec
 
 DEFAULT_VECTORS = Path("data") / "item_vectors.parquet"
 ITEM_VECTORS_FILE = "item_vectors.parquet"  # the copy inside a saved model's directory
@@ -60,7 +61,7 @@ class ItemVectors:
         if spec is None:
             raise ConfigError(f"{path}: no text_features metadata (re-run `dvc repro embed_items`)")
         items, matrix = read_item_vectors(path)
-        return cls(path, {item: i for i, item in enumerate(items)}, matrix, spec, file_digest(path))
+        return cls(path, {item: i for i, item in enumerate(items)}, matrix, spec, file_sha256(path))
 
 
 _lock = threading.Lock()
