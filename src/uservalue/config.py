@@ -363,6 +363,7 @@ MODEL_CATALOG: dict[str, str] = {
     "mlp": "uservalue.models.deep.mlp:MlpModel",
     "sequence": "uservalue.models.deep.sequence:SequenceModel",
     "gnn": "uservalue.models.deep.gnn:GnnModel",
+    "ensemble": "uservalue.models.ensemble:EnsembleModel",
 }
 MODEL_NAMES = tuple(MODEL_CATALOG)
 

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from uservalue.models.catalog import create_model, load_model
 from uservalue.models.base import FitContext
 from uservalue.models.btyd import INPUT_COLUMNS, BtydModel, rfm_summary
+from uservalue.models.catalog import create_model, load_model
 
 # Published-scale CDNOW values (Fader, Hardie & Lee 2005, 39-week calibration, weeks) for a
 # model that is built, not fitted: the library-agreement checks need only plausible parameters.
@@ -179,3 +179,16 @@ def test_fits_behaviour_logs_with_non_buyers(synthetic_features) -> None:
     assert predictions["p_buy"].between(0, 1).all()
     if non_buyers.any() and (~non_buyers).any():
         assert predictions["p_buy"][non_buyers].mean() < predictions["p_buy"][~non_buyers].mean()
+
+
+def test_closed_form_bgnbd_equals_the_library(fitted, cdnow_features) -> None:
+    """The service's path (bgnbd_outputs on the arrays, numpy and scipy) gives the library's numbers
+    for every CDNOW customer, one-time buyers and repeat buyers alike."""
+    from uservalue.models.influence import arrays_from_frame
+
+    model, _summary, predictions = fitted
+    p_buy, value = model.predict_outputs(arrays_from_frame(cdnow_features.eval, model.spec))
+    np.testing.assert_allclose(p_buy, predictions["p_buy"].to_numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(value, predictions["expected_value"].to_numpy(), rtol=1e-9, atol=1e-12)
+    one_time = cdnow_features.eval["btyd_frequency"].to_numpy() == 0
+    assert 0 < one_time.sum() < len(one_time)  # both branches of the formulas were compared

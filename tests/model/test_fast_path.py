@@ -28,6 +28,8 @@ QUICK = {
     "mlp": {"max_epochs": 1, "user_buckets": 1024},
     "sequence": {"max_epochs": 1, "d_model": 16, "tower": 16, "hidden": [16]},
     "gnn": {"max_epochs": 1, "embedding_dim": 16, "neighbors": 8, "tower": 16, "hidden": [16]},
+    "ensemble": {"members": {"btyd": {}, "gbdt": {"max_rounds": 60, "early_stopping_rounds": 10},
+                             "sequence": {"max_epochs": 1, "d_model": 16, "tower": 16, "hidden": [16]}}},
 }
 COLUMNS = ["p_buy", "expected_value"]
 

@@ -24,6 +24,7 @@ QUICK = {
     "mlp": {"max_epochs": 2},
     "sequence": {"max_epochs": 1},
     "gnn": {"max_epochs": 2, "embedding_dim": 16, "neighbors": 8, "hidden": [32], "tower": 32, "batch_size": 2048},
+    "ensemble": {"members": {"btyd": {}, "gbdt": {"max_rounds": 60, "early_stopping_rounds": 10}, "mlp": {"max_epochs": 1}}},
 }
 
 
@@ -102,7 +103,7 @@ def test_attribution_shares_sum_to_one(name: str, trained, cdnow_features) -> No
         assert sum(influence.values()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name", ["historical", "btyd", "gbdt", "linear", "mlp", "sequence", "gnn"])
+@pytest.mark.parametrize("name", ["historical", "btyd", "gbdt", "linear", "mlp", "sequence", "gnn", "ensemble"])
 def test_frequent_recent_buyers_outrank_lapsed_one_time_buyers(name: str, trained, cdnow_features) -> None:
     _model, predicted, _ = trained[name]
     features = cdnow_features.eval.reset_index(drop=True)

@@ -14,9 +14,14 @@ import pandas as pd
 import pytest
 
 from tests.conftest import merge
-from uservalue.config import MetricBound, RegisterParams, parse_params
+from uservalue.config import MetricBound, MetricTarget, RegisterParams, parse_params
 from uservalue.lifecycle.context import StageContext
-from uservalue.lifecycle.evaluate import choose_champion, run_evaluate, score_model
+from uservalue.lifecycle.evaluate import (
+    choose_champion,
+    run_evaluate,
+    score_model,
+    targets_markdown,
+)
 from uservalue.lifecycle.registry import CHALLENGER, CHAMPION, decide, load_version, run_register
 from uservalue.lifecycle.tracking import GIT_COMMIT_TAG
 from uservalue.lifecycle.train import train_model
@@ -215,6 +220,20 @@ def test_champion_is_best_ranking_among_calibrated_models() -> None:
     strict = {"decile_mape": MetricBound(target=0.1, direction="max")}
     fallback = choose_champion(table, "gini", strict)  # nobody qualifies: best by gini, flagged
     assert (fallback.champion, fallback.eligible, fallback.requirements_met) == ("mlp", [], False)
+
+
+def test_comparison_table_marks_every_model_against_the_targets() -> None:
+    targets = {"gini": MetricTarget(target=0.73, direction="min", anchor=0.712),
+               "decile_mape": MetricTarget(target=0.10, direction="max", anchor=0.149),
+               "total_error": MetricTarget(target=0.03, direction="abs", anchor=-0.011)}
+    table = {"mlp": {**BASE, "gini": 0.721, "decile_mape": 0.353, "total_error": -0.081},
+             "ensemble": {**BASE, "gini": 0.7237, "decile_mape": 0.2105, "total_error": -0.0169}}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in targets_markdown(table, targets).splitlines()
+            if line.startswith("| ")}
+    assert rows["gini"] == "| gini | 0.712 | >= 0.73 | 0.7210 ✗ | 0.7237 ✗ |"
+    assert rows["total_error"] == "| total_error | -0.011 | within ±0.03 | -0.0810 ✗ | -0.0169 ✓ |"
+    assert rows["met"] == "| met | | | 0/3 | 1/3 |"
+    assert targets_markdown(table, {}) == ""  # no targets (a project of its own): no section
 
 
 def test_lower_is_better_primary_metric() -> None:

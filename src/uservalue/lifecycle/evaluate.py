@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from uservalue.config import MetricBound
+from uservalue.config import MetricBound, MetricTarget
 from uservalue.errors import InputError
 from uservalue.features.store import read_features, read_meta
 from uservalue.io import atomic_path, write_json, write_text
@@ -111,6 +111,32 @@ def comparison_markdown(evaluation: Evaluation, champion: str, primary: str, cut
     return "\n".join(lines) + "\n"
 
 
+def targets_markdown(all_metrics: Mapping[str, Mapping[str, float]], targets: Mapping[str, MetricTarget]) -> str:
+    """Every model against the quality targets (report.targets) and their anchors: one row per metric,
+    each cell the model's figure and whether it meets the target, then how many each model meets."""
+    if not targets:
+        return ""
+    names = list(all_metrics)
+    lines = [
+        "## Against the anchors and targets",
+        "",
+        ("`report.targets` in params.yaml; ✓ meets the target, ✗ misses it. The gains curve and the decile "
+         "calibration are DVC plots (`dvc plots show`: reports/plots/gains.csv, reports/plots/deciles.csv) "
+         "and drawn on reports/index.html."),
+        "",
+        "| metric | anchor | target | " + " | ".join(names) + " |",
+        "|---|---:|---|" + "---:|" * len(names),
+    ]
+    for metric, goal in targets.items():
+        shown = {"min": f">= {goal.target:g}", "max": f"<= {goal.target:g}", "abs": f"within ±{goal.target:g}"}
+        anchor = "" if goal.anchor is None else f"{goal.anchor:.4g}"
+        cells = [f"{all_metrics[n][metric]:.4f} {'✓' if goal.holds(all_metrics[n][metric]) else '✗'}" for n in names]
+        lines.append(f"| {metric} | {anchor} | {shown[goal.direction]} | " + " | ".join(cells) + " |")
+    met = [sum(goal.holds(all_metrics[n][m]) for m, goal in targets.items()) for n in names]
+    lines.append("| met | | | " + " | ".join(f"{k}/{len(targets)}" for k in met) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _plot_pngs(evaluation: Evaluation, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -181,6 +207,7 @@ def run_evaluate(ctx: StageContext, features_dir: str | Path, models_dir: str | 
     from uservalue.lifecycle.influence_report import influence_section  # the evaluate stage's alone
 
     write_text(table_path, comparison_markdown(evaluation, champion, primary, cutoff, meta.horizon_days)
+               + "\n" + targets_markdown(evaluation.metrics, params.report.targets)
                + "\n" + influence_section(params, models_dir))
     with atomic_path(predictions_path) as tmp:
         evaluation.predictions.to_parquet(tmp, index=False)

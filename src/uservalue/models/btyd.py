@@ -16,6 +16,7 @@ import pandas as pd
 from pydantic import Field
 
 from uservalue.errors import InputError, UservalueError
+from uservalue.features.online import FeatureArrays
 from uservalue.features.sql import FeatureSpec
 from uservalue.models.base import FitContext, ModelParams, ValueModel, aggregate_matrix
 
@@ -60,24 +61,56 @@ def rfm_summary(features: pd.DataFrame, time_unit_days: float) -> pd.DataFrame:
     """The library's per-customer summary (customer_id = row position, so repeated user ids at
     several cutoffs are fine): frequency, recency, T (in time units) and monetary_value. On a log with
     returns (a `return_amount_sum` column) the spend is net of them, like the labels."""
-    frequency, recency, age, purchase_days, tenure, spend = np.nan_to_num(
-        aggregate_matrix(features, RFM_COLUMNS)
-    ).T
-    if "return_amount_sum" in features.columns:
-        returned = np.nan_to_num(aggregate_matrix(features, ["return_amount_sum"])[:, 0])
-        spend = np.maximum(spend - returned, 0.0)
+    returned = (aggregate_matrix(features, ["return_amount_sum"])[:, 0]
+                if "return_amount_sum" in features.columns else None)
+    return pd.DataFrame({"customer_id": np.arange(len(features)),
+                         **rfm_arrays(aggregate_matrix(features, RFM_COLUMNS), returned, time_unit_days)})
+
+
+def rfm_arrays(rfm: np.ndarray, returned: np.ndarray | None, time_unit_days: float) -> dict[str, np.ndarray]:
+    """rfm_summary's columns from the RFM_COLUMNS matrix (and the returned amounts, when the log has
+    returns): the one mapping the DataFrame and the array paths share."""
+    frequency, recency, age, purchase_days, tenure, spend = np.nan_to_num(rfm).T
+    if returned is not None:
+        spend = np.maximum(spend - np.nan_to_num(returned), 0.0)
     buyer = purchase_days > 0
     recency = np.where(buyer, recency, 0.0) / time_unit_days
     T = np.maximum(np.where(buyer, age, tenure) / time_unit_days, recency)
-    return pd.DataFrame(
-        {
-            "customer_id": np.arange(len(features)),
-            "frequency": np.where(buyer, np.maximum(frequency, 0.0), 0.0),
-            "recency": recency,
-            "T": T,
-            "monetary_value": np.where(buyer, spend / np.maximum(purchase_days, 1.0), 0.0),
-        }
-    )
+    return {
+        "frequency": np.where(buyer, np.maximum(frequency, 0.0), 0.0),
+        "recency": recency,
+        "T": T,
+        "monetary_value": np.where(buyer, spend / np.maximum(purchase_days, 1.0), 0.0),
+    }
+
+
+def bgnbd_outputs(theta: dict[str, float], spend: dict[str, float], rfm: dict[str, np.ndarray],
+                  t: float) -> tuple[np.ndarray, np.ndarray]:
+    """(P(at least one purchase within t), expected purchases within t x Gamma-Gamma expected spend)
+    of BG/NBD in closed form (Fader, Hardie and Lee 2005; Fader and Hardie 2013), with numpy and
+    scipy only: the service's path. The library evaluates the same formulas through xarray and a
+    compiled PyTensor graph at ~30 ms a call; tests hold the two equal.
+
+    P(no purchase in (T, T + t]) is the likelihood ratio L(x, t_x, T + t) / L(x, t_x, T) the batch
+    path takes from the library's log-likelihood; its Gamma and Beta factors cancel, leaving
+    [(alpha + T + t)^-(r + x) + [x > 0] a / (b + x - 1) (alpha + t_x)^-(r + x)] over the same at T."""
+    from scipy.special import hyp2f1
+
+    r, alpha, a, b = (theta[k] for k in TRANSACTION_PARAMS["bgnbd"])
+    x, t_x, T = rfm["frequency"], rfm["recency"], rfm["T"]
+    repeat = x > 0
+    # a / (b + x - 1) is only read where x > 0 (b + x - 1 may be <= 0 at x = 0).
+    weight = np.where(repeat, a / np.where(repeat, b + x - 1.0, 1.0), 0.0)
+    dropout = weight * ((alpha + T) / (alpha + t_x)) ** (r + x)  # (alpha + T)^(r+x) x the x > 0 term
+    later = ((alpha + T) / (alpha + T + t)) ** (r + x)
+    p_none = np.minimum((later + dropout) / (1.0 + dropout), 1.0)
+    purchases = ((a + b + x - 1.0) / (a - 1.0)
+                 * (1.0 - later * hyp2f1(r + x, b + x, a + b + x - 1.0, t / (alpha + T + t)))
+                 / (1.0 + dropout))
+    p, q, v = (spend[k] for k in SPEND_PARAMS)
+    individual = p * x / (p * x + q - 1.0)
+    per_purchase = (1.0 - individual) * (v * p / (q - 1.0)) + individual * rfm["monetary_value"]
+    return 1.0 - p_none, purchases * per_purchase
 
 
 def _point(values: Any, ids: np.ndarray) -> np.ndarray:
@@ -249,6 +282,18 @@ class BtydModel(ValueModel):
         p_buy = 1.0 - self._p_no_purchase(summary, t) if len(summary) else np.zeros(0)
         value = inputs["btyd_expected_purchases"].to_numpy() * inputs["btyd_expected_spend"].to_numpy()
         return self._frame(features, p_buy, value)
+
+    def predict_outputs(self, features: FeatureArrays) -> tuple[np.ndarray, np.ndarray]:
+        """BG/NBD in closed form on the arrays (bgnbd_outputs); Pareto/NBD through predict()."""
+        if self.params.model != "bgnbd":
+            return super().predict_outputs(features)
+        self._fitted()
+        returned = (np.asarray(features.aggregates["return_amount_sum"], dtype=np.float64)
+                    if "return_amount_sum" in features.aggregates else None)
+        rfm = rfm_arrays(features.matrix(RFM_COLUMNS), returned, self.params.time_unit_days)
+        p_buy, value = bgnbd_outputs(self._state["transaction"], self._state["spend"], rfm,
+                                     self.horizon_days / self.params.time_unit_days)
+        return np.clip(p_buy, 0.0, 1.0), np.maximum(value, 0.0)
 
     # BTYD sees only purchases: no per-behaviour influence or attribution (base returns None).
 
