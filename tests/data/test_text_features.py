@@ -201,3 +201,35 @@ def test_a_saved_text_model_carries_its_vectors_and_refuses_stale_ones(titled, t
             online_arrays(events, meta.eval_cutoff, stale)
     finally:
         install_item_vectors(None)
+
+
+def test_pooled_text_columns_of_many_users_equal_the_batch_join(titled, tmp_path: Path, monkeypatch) -> None:
+    """Every user at once (the 1,000-id request's path: pandas hash lookups and one segmented sum) and the
+    same through per-event dict lookups (one request's few events) give the batch join's columns."""
+    import shutil
+
+    import uservalue.text.online as text_online
+    from uservalue.features.online import event_columns
+
+    features = tmp_path / "features"
+    shutil.copytree(titled["plain"], features)
+    join_text_feature_sets(features, titled["events"], titled["vectors"])
+    meta = read_meta(features)
+    columns = list(meta.spec.text_columns)
+    holdout = read_features(features, "eval").sort_values("user_id")
+    events = event_columns(pd.read_parquet(titled["events"]))
+    cutoff_t = pd.Timestamp(meta.eval_cutoff).timestamp()
+    users = holdout["user_id"].astype(str).to_numpy(dtype=object)
+    assert len(events) > text_online._DICT_LOOKUPS  # the hash-index path
+    text_online.install_item_vectors(titled["vectors"])
+    try:
+        many = text_online.pooled_text_columns(columns, events, cutoff_t, users)
+        monkeypatch.setattr(text_online, "_DICT_LOOKUPS", 10**9)
+        few = text_online.pooled_text_columns(columns, events, cutoff_t, users)
+    finally:
+        text_online.install_item_vectors(None)
+    batch = holdout[columns].to_numpy(dtype=np.float64)
+    assert np.abs(batch).sum() > 0
+    for j, column in enumerate(columns):
+        np.testing.assert_array_equal(many[column], few[column])
+        np.testing.assert_allclose(many[column], batch[:, j], rtol=0, atol=1e-12)

@@ -15,6 +15,7 @@ give exactly the model's text columns, else a ConfigError says what differs."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from uservalue.errors import ConfigError
 from uservalue.io import file_sha256
@@ -32,6 +34,7 @@ DEFAULT_VECTORS = Path("data") / "item_vectors.parquet"
 ITEM_VECTORS_FILE = "item_vectors.parquet"  # the copy inside a saved model's directory
 ENV_VECTORS = "USERVALUE_ITEM_VECTORS"
 ENV_PROJECT = "USERVALUE_PROJECT_DIR"
+_DICT_LOOKUPS = 2048  # events up to which pooled_text_columns looks rows up in dicts (pandas' indexes beyond)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,11 @@ class ItemVectors:
     matrix: np.ndarray  # float32 [items, dim]
     spec: TextFeatureSpec
     digest: str  # sha256 of the file (FeatureSpec.text_vectors of the features made from it)
+
+    @functools.cached_property
+    def item_index(self) -> pd.Index:
+        """item_id -> row as a hash index: the rows of many events in one vectorised lookup."""
+        return pd.Index(list(self.row), dtype=object)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -139,10 +147,18 @@ def pooled_text_columns(text_columns: Sequence[str], events: Any, T: float, user
     behavior_id = {b: i for i, b in enumerate(spec.behaviors)}
     t = np.asarray(events.t, dtype=np.float64)
     keep = np.flatnonzero(t < T)
-    rows = np.array([vectors.row.get(i, -1) if i is not None else -1 for i in events.item_id[keep]], dtype=np.int64)
-    behaviors = np.array([behavior_id.get(b, -1) for b in events.behavior[keep]], dtype=np.int64)
-    user_row = {u: i for i, u in enumerate(users)}
-    owners = np.array([user_row.get(u, -1) for u in events.user_id[keep]], dtype=np.int64)
+    item_ids, user_ids = events.item_id[keep], events.user_id[keep]
+    if len(keep) > _DICT_LOOKUPS:  # hash lookups in pandas: a dict per event costs ~1 us each in Python
+        rows = vectors.item_index.get_indexer(item_ids).astype(np.int64, copy=False)
+        owners = pd.Index(users, dtype=object).get_indexer(user_ids).astype(np.int64, copy=False)
+    else:  # a few users' events (one request): building the indexes would cost more than the lookups
+        user_row = {u: i for i, u in enumerate(users)}
+        rows = np.array([vectors.row.get(i, -1) if i is not None else -1 for i in item_ids], dtype=np.int64)
+        owners = np.array([user_row.get(u, -1) for u in user_ids], dtype=np.int64)
+    behaviors = np.full(len(keep), -1, dtype=np.int64)  # a behaviour not pooled: -1
+    kinds = events.behavior[keep]
+    for b, i in behavior_id.items():
+        behaviors[kinds == b] = i
     use = (rows >= 0) & (behaviors >= 0) & (owners >= 0)
     keep, rows, behaviors, owners = keep[use], rows[use], behaviors[use], owners[use]
     if len(keep):
@@ -151,12 +167,15 @@ def pooled_text_columns(text_columns: Sequence[str], events: Any, T: float, user
         group = owners[order] * n_behaviors + behaviors[order]
         starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
         position = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-        chosen = order[position < spec.last]
+        chosen = order[position < spec.last]  # still grouped, in group order
         flat = owners[chosen] * n_behaviors + behaviors[chosen]
-        sums = np.zeros((n_users * n_behaviors, dim), np.float64)
-        np.add.at(sums, flat, vectors.matrix[rows[chosen], :dim])
-        counts = np.bincount(flat, minlength=n_users * n_behaviors)
-        out = (sums / np.maximum(counts, 1)[:, None]).reshape(n_users, n_behaviors, dim)
+        first = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
+        # Per group the sum of its vectors in one segmented reduction (np.add.at was 30% of 1,000 users' time).
+        sums = np.add.reduceat(vectors.matrix[rows[chosen], :dim].astype(np.float64), first, axis=0)
+        counts = np.diff(np.r_[first, len(flat)])
+        pooled = np.zeros((n_users * n_behaviors, dim), np.float64)
+        pooled[flat[first]] = sums / counts[:, None]
+        out = pooled.reshape(n_users, n_behaviors, dim)
     flat_out = out.reshape(n_users, n_behaviors * dim)
     return {column: flat_out[:, j] for j, column in enumerate(text_columns)}
 
