@@ -217,6 +217,7 @@ def _validate_peak_rss(params: Path, events: Path, workdir: Path) -> int:
     return usage.ru_maxrss * 1024  # KiB on Linux
 
 
+@pytest.mark.slow  # two real validate processes on 2 x 10^5 rows (~25 s): make test, not test-fast
 def test_validate_memory_stays_flat_when_the_log_doubles(tmp_path: Path, write_params) -> None:
     """~1M and ~2M events in batches of 100k rows: peak RSS at 2x within 1.3x of 1x (measured: 1.06x;
     the in-memory validation grows by the whole frame and its GE copies, 1.4x here)."""

@@ -24,7 +24,7 @@ QUICK = {
     "mlp": {"max_epochs": 2},
     "sequence": {"max_epochs": 1},
     "gnn": {"max_epochs": 2, "embedding_dim": 16, "neighbors": 8, "hidden": [32], "tower": 32, "batch_size": 2048},
-    "ensemble": {"members": {"btyd": {}, "gbdt": {"max_rounds": 60, "early_stopping_rounds": 10}, "mlp": {"max_epochs": 1}}},
+    "ensemble": {"members": {"gbdt": {"max_rounds": 60, "early_stopping_rounds": 10}, "mlp": {"max_epochs": 1}}},
 }
 
 
