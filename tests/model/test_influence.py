@@ -181,6 +181,23 @@ def test_shapley_values_score_each_row_once_per_coalition_of_its_own_players(syn
     np.testing.assert_allclose(p_buy, p_all[-len(rows):], rtol=1e-12)
 
 
+@pytest.mark.parametrize("rows_wanted", [1, 7, 300])
+def test_rows_of_one_behaviour_skip_the_coalitions_and_change_no_number(cdnow_features, rows_wanted: int) -> None:
+    """CDNOW's users only buy: predict_with_shares then scores the rows alone, and its numbers are the
+    coalition path's (_shapley_values + shares_from_phi) to the bit, shares included."""
+    model = create_model("gbdt", {"max_rounds": 40, "early_stopping_rounds": 10}, cdnow_features.spec,
+                         cdnow_features.horizon_days)
+    model.fit(cdnow_features.train, FitContext(seed=0))
+    rows = influence.arrays_from_frame(cdnow_features.eval.head(rows_wanted), cdnow_features.spec)
+    counts = influence.event_counts(rows)
+    assert ((counts > 0).sum(axis=1) <= 1).all()
+    p_buy, value, shares = influence.predict_with_shares(model, rows)
+    phi, _baseline, p_full, v_full = influence._shapley_values(model, rows, counts)
+    np.testing.assert_array_equal(p_buy, p_full)
+    np.testing.assert_array_equal(value, v_full)
+    np.testing.assert_array_equal(shares, influence.shares_from_phi(phi, cdnow_features.spec.behaviors, counts))
+
+
 def test_cdnow_reports_no_effect_for_behaviours_it_never_saw(cdnow_features) -> None:
     model = create_model("linear", {}, cdnow_features.spec, cdnow_features.horizon_days)
     model.fit(cdnow_features.train, FitContext(seed=0))
