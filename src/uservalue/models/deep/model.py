@@ -226,16 +226,21 @@ SEQUENCE_INPUTS = ("behavior", "category", "item", "continuous")
 # feed-forward work (1,000 CDNOW users by id: issue 15). A row's numbers then do not depend on the
 # other rows of the call either (float32 sums over a padded width round with the width).
 LENGTH_CHUNK_ROWS = 1024
+# Calls of more rows than this are grouped by width; fewer (one request's rows) go in one pass. Not
+# LENGTH_CHUNK_ROWS: 1,000 CDNOW users scored without their coalition rows are 1,008 rows, and padded to
+# the longest history in one pass they took 96 ms against 45 ms grouped.
+LENGTH_GROUPING_ROWS = 64
 
 
 def _length_chunks(batch: dict[str, np.ndarray], max_rows: int, sequence_length: int,
                    ) -> Iterator[tuple[np.ndarray | None, dict[str, np.ndarray]]]:
     """(rows, their batch) covering `batch`: the whole of it (rows None) when it has at most
-    LENGTH_CHUNK_ROWS rows, else groups of at most that many rows of one padded width each."""
+    LENGTH_GROUPING_ROWS rows (and at most `max_rows`), else groups of at most LENGTH_CHUNK_ROWS rows of one
+    padded width each."""
     lengths = batch["lengths"]
     n = len(lengths)
     size = min(LENGTH_CHUNK_ROWS, max_rows)
-    if n <= size:
+    if n <= min(size, LENGTH_GROUPING_ROWS):
         yield None, batch
         return
     own = np.minimum(1 << np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64), max(sequence_length, 1))
