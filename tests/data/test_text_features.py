@@ -233,3 +233,47 @@ def test_pooled_text_columns_of_many_users_equal_the_batch_join(titled, tmp_path
     for j, column in enumerate(columns):
         np.testing.assert_array_equal(many[column], few[column])
         np.testing.assert_allclose(many[column], batch[:, j], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "sequence"])
+def test_deep_models_take_the_text_columns_through_a_tower_of_their_own(titled, tmp_path: Path, name: str) -> None:
+    """The deep models' pooled-text input (issue 23): the text columns leave the aggregate tower for a tower of
+    their own (train.<model>.text_tower wide); the model saves and loads to the same numbers, and its serving
+    path (the online arrays, TorchScript-traced on the CPU) scores as the batch predict."""
+    import shutil
+
+    from uservalue.features.online import event_columns, online_arrays
+    from uservalue.models.base import FitContext
+    from uservalue.models.catalog import create_model, load_model
+    from uservalue.models.deep.layers import TextSplitTower
+    from uservalue.text.online import install_item_vectors
+
+    features = tmp_path / "features"
+    shutil.copytree(titled["plain"], features)
+    join_text_feature_sets(features, titled["events"], titled["vectors"])
+    meta = read_meta(features)
+    text = list(meta.spec.text_columns)
+    model = create_model(name, {"max_epochs": 1, "text_tower": 8}, meta.spec, meta.horizon_days)
+    model.fit(read_features(features, "train"), FitContext(seed=0, device="cpu"))
+    tower = model.network.tower
+    assert isinstance(tower, TextSplitTower)
+    assert tower.text[0].in_features == len(text) and tower.text[0].out_features == 8
+    assert tower.aggregates[0].in_features == len(meta.spec.aggregate_columns()) - len(text)
+    # 0: the text columns join the aggregates' tower, as before the split (one Linear over every column).
+    joined = create_model(name, {"max_epochs": 1, "text_tower": 0}, meta.spec, meta.horizon_days)
+    joined.fit(read_features(features, "train"), FitContext(seed=0, device="cpu"))
+    assert not isinstance(joined.network.tower, TextSplitTower)
+    assert joined.network.tower[0].in_features == len(meta.spec.aggregate_columns())
+
+    holdout = read_features(features, "eval").sort_values("user_id")
+    predicted = model.predict(holdout)["expected_value"].to_numpy()
+    install_item_vectors(titled["vectors"])
+    try:
+        model.save(tmp_path / "model")
+        loaded = load_model(tmp_path / "model")
+        events = event_columns(pd.read_parquet(titled["events"]))
+        served = loaded.predict_arrays(online_arrays(events, meta.eval_cutoff, loaded.spec)).expected_value
+    finally:
+        install_item_vectors(None)
+    np.testing.assert_allclose(loaded.predict(holdout)["expected_value"].to_numpy(), predicted, rtol=1e-6)
+    np.testing.assert_allclose(served, predicted, rtol=1e-5)

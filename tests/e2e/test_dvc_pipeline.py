@@ -166,9 +166,17 @@ def test_failed_gate_leaves_last_good_features_untouched(reproduced: Path) -> No
 def test_exp_run_with_synthetic_source(reproduced: Path) -> None:
     # The recommenders that need training (nextitem, taste) left out (`~` removes a key): the CDNOW repro and
     # the served project train them; this run is about the source.
+    # With item titles (issue 23): embed_items embeds them with the shipped model, offline, featurize joins
+    # the pooled text columns, and gbdt and mlp (its text tower) train on them.
     run_in(reproduced, "dvc", "exp", "run", "-S", "data.source=synthetic", "-S", "data.synthetic.users=2000",
-         "-S", "data.synthetic.events_per_user=40", "-S", "train.models=[historical,gbdt]",
+         "-S", "data.synthetic.events_per_user=40", "-S", "train.models=[historical,gbdt,mlp]",
+         "-S", "+data.synthetic.titles={words: 12, value_words: 2, words_per_title: 2}",
          "-S", "~recs.models.nextitem", "-S", "~recs.models.taste")
+    embedded = json.loads((reproduced / "reports/embed_items.json").read_text())
+    assert embedded["texts"] > 0 and embedded["items"] > 0
+    meta = json.loads((reproduced / "data/features/meta.json").read_text())
+    text_columns = meta["spec"]["text_columns"]
+    assert text_columns and all(c.startswith("text_") for c in text_columns)
     recs = json.loads((reproduced / "reports/recs_metrics.json").read_text())
     assert set(recs["models"]) == {"popularity", "cooccurrence"} and recs["users"] > 0
     truth = json.loads((reproduced / "data/truth/truth.json").read_text())
@@ -176,7 +184,13 @@ def test_exp_run_with_synthetic_source(reproduced: Path) -> None:
     evaluation = pd.read_parquet(reproduced / "data/features/eval.parquet")
     assert 1000 < len(evaluation) <= 2000 and evaluation["user_id"].str.startswith("u").all()
     report = json.loads((reproduced / "reports/metrics.json").read_text())
-    assert set(report["models"]) == {"historical", "gbdt"} and report["users"] == len(evaluation)
+    assert set(report["models"]) == {"historical", "gbdt", "mlp"} and report["users"] == len(evaluation)
+    assert set(text_columns) <= set(evaluation.columns)
+    from uservalue.models.catalog import load_model
+    from uservalue.models.deep.layers import TextSplitTower
+
+    mlp = load_model(reproduced / "models/mlp/model")
+    assert mlp.spec.text_columns == tuple(text_columns) and isinstance(mlp.network.tower, TextSplitTower)
     shown = json.loads(run_in(reproduced, "dvc", "exp", "show", "--json").stdout)
     assert json.dumps(shown).count("synthetic") >= 1
 

@@ -30,7 +30,13 @@ from uservalue.features.sql import FeatureSpec
 from uservalue.io import atomic_path
 from uservalue.models.base import FitContext
 from uservalue.models.deep.data import AggregateStats, FeatureTensors, TokenStats
-from uservalue.models.deep.layers import AggregateNorm, HashedEmbedding, hide_ids, mlp
+from uservalue.models.deep.layers import (
+    AggregateNorm,
+    HashedEmbedding,
+    aggregate_tower,
+    hide_ids,
+    mlp,
+)
 from uservalue.models.deep.model import TorchParams, TorchValueModel
 from uservalue.models.deep.ziln import ZilnHead
 
@@ -207,14 +213,15 @@ class GnnNetwork(nn.Module):
     the one scoring uses; see GnnModel.tensors)."""
 
     def __init__(self, p: GnnParams, n_behaviors: int, n_categories: int, n_items: int, graphs: list[CutoffGraph],
-                 agg_stats: AggregateStats, token_stats: TokenStats, bias: tuple[float, ...]) -> None:
+                 agg_stats: AggregateStats, token_stats: TokenStats, bias: tuple[float, ...],
+                 text_columns: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.agg_stats, self.token_stats, self.initial_bias = agg_stats, token_stats, bias
         self.id_dropout, self.layers, self.n_items = p.id_dropout, p.layers, n_items
         self.decay = LN2 / p.half_life_days
         d = p.embedding_dim
         self.norm = AggregateNorm(agg_stats)
-        self.tower = mlp([len(agg_stats.columns), p.tower], p.dropout)
+        self.tower, tower_width = aggregate_tower(agg_stats, p.tower, p.dropout, text_columns, p.text_tower)
         self.item = HashedEmbedding(n_items, d)
         self.category = HashedEmbedding(n_categories, d)
         # one relation per behaviour: a diagonal transform of the item and category messages, a
@@ -227,7 +234,7 @@ class GnnNetwork(nn.Module):
             self.relation.weight[0].zero_()
         self.hop = nn.Parameter(torch.zeros(n_behaviors))
         self.user_dropout = nn.Dropout(p.dropout)
-        self.body = mlp([d + p.tower, *p.hidden], p.dropout)
+        self.body = mlp([d + tower_width, *p.hidden], p.dropout)
         self.head = ZilnHead(p.hidden[-1], bias)
         # the graphs' two-hop edges (target node, source node, behaviour, weight), padded to one length
         # with weight-0 edges: constants rebuilt from the training rows (persistent=False: not in the
@@ -402,7 +409,7 @@ class GnnModel(TorchValueModel):
         if not self._graphs:
             raise RuntimeError("gnn: the graph is built by fit() (or loaded with the model)")
         return GnnNetwork(self.params, len(self.spec.behaviors), self.spec.category_buckets,  # type: ignore[arg-type]
-                          self.spec.item_buckets, self._graphs, agg_stats, token_stats, bias)
+                          self.spec.item_buckets, self._graphs, agg_stats, token_stats, bias, tuple(self.spec.text_columns))
 
     # the saved model keeps the graph scoring uses (the newest cutoff's), not the older ones
     def _save_state(self, directory: Path) -> None:

@@ -80,6 +80,40 @@ def hide_ids(category: torch.Tensor, item: torch.Tensor, rate: float) -> tuple[t
     return category.masked_fill(hidden, 0), item.masked_fill(hidden, 0)
 
 
+class TextSplitTower(nn.Module):
+    """The aggregate tower of a spec with pooled item-text columns (issue 23): the text columns get a
+    tower of their own next to the aggregates'. The text vectors are dense and signed where the
+    aggregates are counts on a log scale; in one shared first layer the ~50 text inputs crowd the
+    aggregates' few informative ones, while a tower of their own lets the network learn a small text
+    summary next to them."""
+
+    def __init__(self, columns: tuple[str, ...], text_columns: tuple[str, ...], width: int, text_width: int,
+                 dropout: float) -> None:
+        super().__init__()
+        text = set(text_columns)
+        text_index = [i for i, column in enumerate(columns) if column in text]
+        rest = [i for i, column in enumerate(columns) if column not in text]
+        # constants of the column order (persistent=False: rebuilt from the statistics and the spec)
+        self.register_buffer("agg_index", torch.as_tensor(rest, dtype=torch.long), persistent=False)
+        self.register_buffer("text_index", torch.as_tensor(text_index, dtype=torch.long), persistent=False)
+        self.aggregates = mlp([len(rest), width], dropout)
+        self.text = mlp([len(text_index), text_width], dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.aggregates(x.index_select(1, self.agg_index)),
+                          self.text(x.index_select(1, self.text_index))], dim=-1)
+
+
+def aggregate_tower(stats: AggregateStats, width: int, dropout: float, text_columns: tuple[str, ...] = (),
+                    text_width: int = 0) -> tuple[nn.Module, int]:
+    """The tower over the standardised aggregates and its output width: one MLP layer (the state_dict
+    of models without text is unchanged), or a TextSplitTower when the columns hold pooled item text
+    and `text_width` > 0."""
+    if text_width > 0 and set(text_columns) & set(stats.columns):
+        return TextSplitTower(stats.columns, text_columns, width, text_width, dropout), width + text_width
+    return mlp([len(stats.columns), width], dropout), width
+
+
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     """Linear -> GELU -> Dropout for each consecutive pair of `sizes`."""
     layers: list[nn.Module] = []

@@ -10,7 +10,13 @@ from pydantic import Field
 from torch import nn
 
 from uservalue.models.deep.data import AggregateStats, TokenStats
-from uservalue.models.deep.layers import AggregateNorm, HashedEmbedding, hide_ids, mlp
+from uservalue.models.deep.layers import (
+    AggregateNorm,
+    HashedEmbedding,
+    aggregate_tower,
+    hide_ids,
+    mlp,
+)
 from uservalue.models.deep.model import TorchParams, TorchValueModel
 from uservalue.models.deep.ziln import ZilnHead
 
@@ -34,19 +40,20 @@ def masked_mean(embedding: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) 
 
 class MlpNetwork(nn.Module):
     def __init__(self, p: MlpParams, n_categories: int, n_items: int, agg_stats: AggregateStats,
-                 token_stats: TokenStats, bias: tuple[float, ...]) -> None:
+                 token_stats: TokenStats, bias: tuple[float, ...],
+                 text_columns: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.agg_stats, self.token_stats, self.initial_bias = agg_stats, token_stats, bias
         self.id_dropout = p.id_dropout
         d = p.embedding_dim
         self.norm = AggregateNorm(agg_stats)
-        self.tower = mlp([len(agg_stats.columns), p.tower], p.dropout)
+        self.tower, tower_width = aggregate_tower(agg_stats, p.tower, p.dropout, text_columns, p.text_tower)
         self.user = nn.Embedding(p.user_buckets, d) if p.user_buckets > 0 else None
         if self.user is not None:
             nn.init.normal_(self.user.weight, std=0.01)
         self.category = HashedEmbedding(n_categories, d)
         self.item = HashedEmbedding(n_items, d)
-        width = p.tower + d * (3 if self.user is not None else 2)
+        width = tower_width + d * (3 if self.user is not None else 2)
         self.body = mlp([width, *p.hidden], p.dropout)
         self.head = ZilnHead(p.hidden[-1], bias)
 
@@ -78,4 +85,4 @@ class MlpModel(TorchValueModel):
     def build_network(self, agg_stats: AggregateStats, token_stats: TokenStats,
                       bias: tuple[float, ...]) -> nn.Module:
         return MlpNetwork(self.params, self.spec.category_buckets, self.spec.item_buckets,  # type: ignore[arg-type]
-                          agg_stats, token_stats, bias)
+                          agg_stats, token_stats, bias, tuple(self.spec.text_columns))

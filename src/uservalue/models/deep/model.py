@@ -48,6 +48,8 @@ class TorchParams(ModelParams):
     """What every deep model's training needs (each model sets its own defaults)."""
 
     tower: int = Field(64, ge=1, description="width of the aggregate tower")
+    text_tower: int = Field(16, ge=0, description="width of the pooled item-text tower next to the aggregate "
+                                                  "tower (issue 23; 0: the text columns join the aggregate tower)")
     dropout: float = Field(0.1, ge=0, lt=1)
     id_dropout: float = Field(0.5, ge=0, lt=1, description="training: share of the model's ids (user, category, item) hidden")
     lr: float = Field(2e-3, gt=0)
