@@ -9,7 +9,8 @@ model from the JSON body), the scorer's request validation (`prepare`), the stor
 features, the model (prediction + exact Shapley shares, split into building the coalition rows, the
 model input, the forward pass and the rest), the answer body, BentoML's output encoding (its root
 model's `model_dump_json`, as `to_http_response` does), and the prediction log's rows (built after the
-answer is sent). Prints the median and p90 of each phase in microseconds, and the whole path as
+answer is sent); then the whole request through `BatchingPredictor.predict` on an event loop, a lone
+request scored on the loop (as served) and handed to the scoring thread. Prints the median and p90 of each phase in microseconds, and the whole path as
 `Scorer.score_batch` + `answers` runs it (the sum of phases differs from it by the timers' own cost).
 Nothing is asserted; figures go to bench/out/profile_by_id.json.
 """
@@ -134,11 +135,38 @@ def main() -> None:
         scorer.answers(scorer.score_batch([scorer.prepare([], request_model.as_of, users)]))
         whole.append((time.perf_counter() - started) * 1e6)
 
+    # The service's request path around score_batch: BatchingPredictor.predict awaited on an event loop, a
+    # lone request scored on the loop itself (as served) and, for comparison, handed to the scoring thread.
+    import asyncio
+    import tempfile
+
+    from uservalue.serving import batching
+    from uservalue.serving.prediction_log import PredictionLog
+
+    as_of = PredictRequest.model_validate_json(body).as_of
+    loop = asyncio.new_event_loop()
+    through: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as log_dir:
+        predictor = batching.BatchingPredictor(scorer, PredictionLog(Path(log_dir)))
+        inline_max_users = batching.INLINE_MAX_USERS
+        for label, limit in (("on the loop", inline_max_users), ("via the scoring thread", -1)):
+            batching.INLINE_MAX_USERS = limit
+            times = through.setdefault(f"BatchingPredictor.predict ({label})", [])
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                loop.run_until_complete(predictor.predict([], as_of, users))
+                times.append((time.perf_counter() - started) * 1e6)
+        batching.INLINE_MAX_USERS = inline_max_users
+        predictor.close()
+    loop.close()
+
     skip = args.repeats // 10  # warm-up
     out = {name: {"p50_us": statistics.median(v[skip:]), "p90_us": float(np.percentile(v[skip:], 90))}
            for name, v in sorted(phases.items(), key=lambda kv: int(kv[0].split()[0].rstrip("abcd")))}
     out["prepare + score_batch + answers"] = {"p50_us": statistics.median(whole[skip:]),
                                               "p90_us": float(np.percentile(whole[skip:], 90))}
+    for name, times in through.items():
+        out[name] = {"p50_us": statistics.median(times[skip:]), "p90_us": float(np.percentile(times[skip:], 90))}
     meta = {"when": dt.datetime.now(dt.UTC).isoformat(), "model_type": info.model_type, "users": len(users),
             "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
             "traced": getattr(model, "serving_is_traced", None), "load_average": os.getloadavg()}

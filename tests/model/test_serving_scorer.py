@@ -188,6 +188,43 @@ def test_concurrent_requests_are_batched_and_each_gets_what_it_gets_alone(served
     assert logged["request_id"].nunique() == len(answers) + 1 and "late" not in set(logged["user_id"])
 
 
+def test_a_lone_small_request_is_scored_on_the_event_loop_and_a_large_one_on_the_scoring_thread(
+        served_model, tmp_path) -> None:
+    """BatchingPredictor's inline path (issue 15): nothing queued behind a small request, so it is scored
+    on the loop's own thread, without the hand-off; a request with more users than INLINE_MAX_USERS goes to
+    the scoring thread. Both answer what the scorer answers alone."""
+    import threading
+
+    from uservalue.serving import batching
+
+    scorer = Scorer(served_model, ModelInfo(name="user-value", version="2"), max_events=1000, max_users=50)
+    threads: list[str] = []
+    score_batch = scorer.score_batch
+
+    def recording(requests):  # the real scorer; only which thread called it is noted
+        threads.append(threading.current_thread().name)
+        return score_batch(requests)
+
+    scorer.score_batch = recording  # type: ignore[method-assign]
+    predictor = BatchingPredictor(scorer, PredictionLog(tmp_path / "log"))
+    as_of = dt.datetime(1997, 10, 1, tzinfo=dt.UTC)
+    small = _history("lone", 3)
+    large = [e for i in range(batching.INLINE_MAX_USERS + 1) for e in _history(f"many-{i}", i)]
+
+    async def lone(events: list[Event]) -> tuple[dict, str]:
+        return await predictor.predict(events, as_of), threading.current_thread().name
+
+    for events, inline in ((small, True), (large, False)):
+        answer, loop_thread = asyncio.run(lone(events))
+        assert (threads[-1] == loop_thread) is inline
+        assert inline or threads[-1].startswith("uservalue-scorer")
+        _, expected = scorer.score(events, as_of)
+        assert [p["user_id"] for p in answer["predictions"]] == expected["user_id"].tolist()
+        assert [p["expected_value"] for p in answer["predictions"]] == \
+            pytest.approx(expected["expected_value"].tolist(), rel=1e-6)
+    predictor.close()
+
+
 @pytest.fixture(scope="module")
 def stored(small_synthetic, tmp_path_factory):
     """A real SQLite online store materialized from the synthetic log."""

@@ -25,6 +25,12 @@ logger = logging.getLogger(__name__)
 # scoring thread per request, on the GIL beside the event loop's HTTP work (issue 15's profile).
 LOG_ROWS = 256
 LOG_SECONDS = 0.25
+# A lone small request (nothing else queued) is scored on the event loop itself: handed to the scoring
+# thread it pays two thread switches and the GIL's wake-up for nothing to overlap with (issue 15: at one
+# client that hand-off was most of the run-to-run jitter of the by-id p50). Batches and requests with many
+# users or events still go to the thread, so the loop keeps accepting requests while they are scored.
+INLINE_MAX_USERS = 4
+INLINE_MAX_EVENTS = 512
 
 
 class BatchingPredictor:
@@ -37,7 +43,8 @@ class BatchingPredictor:
     clients just answered need a moment to send their next request, and without the wait a steady
     load of N clients splits into a batch of 1 and a batch of N-1, paying the fixed cost twice.
     A batch holds at most `max_users` users and `max_events` events (the per-request limits);
-    scoring runs on one thread beside the event loop, which keeps accepting requests.
+    batches are scored on one thread beside the event loop, which keeps accepting requests (a lone small
+    request on the loop itself: INLINE_MAX_USERS).
     """
 
     def __init__(self, scorer: Scorer, log: PredictionLog, max_wait_ms: float = 5.0,
@@ -115,8 +122,12 @@ class BatchingPredictor:
             self.batches += 1
             self.largest_batch = max(self.largest_batch, len(batch))
             started = time.perf_counter()
+            requests = [r for r, _ in batch]
             try:
-                answers, scored = await loop.run_in_executor(self._executor, self._score, [r for r, _ in batch])
+                if len(requests) == 1 and not self._queue and _small(requests[0]):
+                    answers, scored = self._score(requests)
+                else:
+                    answers, scored = await loop.run_in_executor(self._executor, self._score, requests)
             except Exception as error:  # noqa: BLE001 - handed to every caller of the batch (their 500)
                 answers, scored = [error] * len(batch), None
             if self._observe is not None:
@@ -205,6 +216,10 @@ class BatchingPredictor:
         self._executor.shutdown(wait=True)
         self._submit_log()  # what was still waiting to be built, on this thread
         self.log.close()
+
+
+def _small(request: ScoreRequest) -> bool:
+    return len(request.users) <= INLINE_MAX_USERS and len(request.events) <= INLINE_MAX_EVENTS
 
 
 def _finite_or_error(answer: Any) -> Any:
