@@ -82,7 +82,7 @@ def _both(events: Path, cfg: ValidateParams, scratch: Path) -> tuple[ValidationO
         pytest.param({"mode": "quarantine", "ts_max": dt.date(1998, 6, 1), "max_quarantine_share": 0.5},
                      id="quarantines"),
         pytest.param({"mode": "quarantine", "ts_max": dt.date(1998, 6, 1), "max_quarantine_share": 0.001},
-                     id="quarantine-share-fails"),
+                     id="quarantine-share-fails", marks=pytest.mark.slow),  # the synthetic case keeps it fast
     ],
 )
 def test_cdnow_streamed_in_small_batches_equals_in_memory(cdnow_events: Path, tmp_path: Path, overrides) -> None:
@@ -114,7 +114,7 @@ def dirty_synthetic(small_synthetic: tuple[Path, Path], tmp_path_factory: pytest
     "overrides",
     [
         pytest.param({"max_duplicate_share": 0.0}, id="fails"),
-        pytest.param({"mode": "quarantine"}, id="quarantines"),
+        pytest.param({"mode": "quarantine"}, id="quarantines", marks=pytest.mark.slow),  # CDNOW's case keeps it fast
         pytest.param({"mode": "quarantine", "max_quarantine_share": 1e-6}, id="quarantine-share-fails"),
     ],
 )

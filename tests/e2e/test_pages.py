@@ -6,12 +6,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from tests.support.browser import coloured_share, dump_dom, missing_local_assets, remote_assets, screenshot
 from uservalue.cli.app import app
 
 
+@pytest.mark.slow  # a real chromium renders the pages
 def test_data_docs_render_styled_offline(cdnow_events: Path, tmp_path: Path, write_params) -> None:
     report_dir = tmp_path / "validation"
     result = CliRunner().invoke(app, [

@@ -86,6 +86,7 @@ def synthetic_sequence_models(synthetic_features) -> list:
     return models
 
 
+@pytest.mark.slow  # trains three sequence encoders (~30 s); make test runs it
 def test_influence_recovers_the_planted_ranking(synthetic_sequence_models, synthetic_features) -> None:
     """Planted: one cart leads to 0.2 purchases, one fav to 0.04, one view to 0.004 (the default
     synthetic log, views 89% of the events): the effect of one more event ranks them so."""
@@ -99,6 +100,7 @@ def test_influence_recovers_the_planted_ranking(synthetic_sequence_models, synth
         assert effect_order(tables.effect) == ["cart", "fav", "view"], tables.effect
 
 
+@pytest.mark.slow  # shares the three encoders' fixture; every model's shares are in test_models
 def test_attribution_per_user(synthetic_sequence_models, synthetic_features) -> None:
     model = synthetic_sequence_models[0]
     users = synthetic_features.eval.head(400)

@@ -169,6 +169,7 @@ def test_gate_of_the_recommender() -> None:
     assert not worse.promote and any("guard ndcg_at_20" in r for r in worse.reasons)
 
 
+@pytest.mark.slow  # the whole train_recs stage
 def test_train_recs_stage_registers_the_best_through_the_gate(world: tuple[Path, Path], repo_params: dict,
                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI, which wins over tracking.uri: an earlier test's

@@ -77,6 +77,7 @@ def _no_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.mark.slow  # three real MLflow runs through the gate
 def test_gate_sequence_first_worse_better(project: Project, cdnow_features) -> None:
     # 1. The first model becomes champion.
     first = project.cycle("historical", {"window_days": 90})
@@ -252,6 +253,7 @@ class _Interrupt(KeyboardInterrupt):
     """What Ctrl-C or a killed Airflow task looks like to the training loop."""
 
 
+@pytest.mark.slow  # two real training runs, one interrupted
 def test_interrupted_training_resumes_from_its_checkpoint(project: Project) -> None:
     ctx = project.context("mlp", {"max_epochs": 4, "patience": 10})
     out = project.root / "models" / "mlp"
