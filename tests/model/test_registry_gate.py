@@ -77,7 +77,6 @@ def _no_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-@pytest.mark.slow  # three real MLflow runs through the gate
 def test_gate_sequence_first_worse_better(project: Project, cdnow_features) -> None:
     # 1. The first model becomes champion.
     first = project.cycle("historical", {"window_days": 90})
